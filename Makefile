@@ -1,0 +1,27 @@
+# Two entry points: `make demo` (the main job) and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench lock
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip==26.3"
+	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) benchmarks/layer_step.py --repeats 15
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/layer_step.py --repeats 50 --write BENCHMARKS.md
+
+# Regenerate exact pins after changing dependencies in pyproject.toml.
+lock: $(STAMP)
+	$(PY) -m pip freeze --exclude-editable | grep -v '^moescale' > requirements.lock

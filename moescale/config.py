@@ -1,0 +1,132 @@
+"""Typed, frozen, validated configuration.
+
+Every config is a frozen dataclass checked at construction: a bad value raises one ValueError naming the
+field, the value and what is allowed, before anything is built or traced. Derived values come from pure
+functions that return new objects; configs are never mutated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+from moescale import checks
+
+MOE_TYPES = ("dense", "softmoe", "topk", "expert_choice")
+ENCODER_NAMES = ("nature", "impala", "minatar", "mlp")
+HEAD_TYPES = ("q", "c51")
+DTYPES = ("float32", "bfloat16")
+TOKENIZER_NAMES = ("per_conv", "per_feature", "per_sample", "per_patch")
+AGGREGATION_NAMES = ("flatten", "mean", "sum")
+AUX_LOSS_NAMES = (None, "load_balance", "z_loss", "both")
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkConfig:
+    """Value network: encoder -> tokenizer -> penultimate layer (dense or MoE) -> aggregation -> head.
+
+    Defaults follow Obando-Ceron et al. 2024: Impala encoder, per_conv tokens, experts Dense(512) ->
+    ReLU -> Dense(token dim), capacity factor 1.0, Soft MoE without normalization, flattened output.
+    moe="dense" with the default tokenizer is the paper's baseline flatten -> Dense(512 * width_multiplier)
+    -> ReLU; with another tokenizer it is one MLP shared by all tokens (Sokar et al. 2025).
+    """
+
+    encoder: str = "impala"
+    encoder_widths: tuple[int, ...] | None = None  # None: the encoder's published widths
+    moe: str = "softmoe"
+    num_experts: int = 1
+    hidden: int = 512  # expert hidden width, or the dense layer's width before width_multiplier
+    width_multiplier: int = 1  # dense only: the "scaled baseline"
+    capacity_factor: float = 1.0
+    slots_per_expert: int | None = None  # softmoe only; None: ceil(tokens * capacity_factor / experts)
+    k: int = 1  # topk only
+    normalize: bool = False  # softmoe only
+    random_phi: bool = False  # softmoe only
+    router_noise: float = 0.0  # topk only
+    aux_loss: str | None = None  # topk only
+    tokenizer: str | None = None  # None: per_sample for dense, per_conv for MoE layers
+    patch_size: int = 1  # per_patch only
+    patch_dim: int | None = None  # per_patch only; None keeps the channel count
+    aggregation: str = "flatten"
+    head: str = "q"
+    dueling: bool = False
+    num_atoms: int | None = None  # c51 only
+    v_min: float = -10.0
+    v_max: float = 10.0
+    noisy: bool = False
+    noisy_sigma0: float = 0.5  # Fortunato et al. 2018
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        checks.choice("encoder", self.encoder, ENCODER_NAMES)
+        if self.encoder_widths is not None:
+            if not isinstance(self.encoder_widths, tuple) or not self.encoder_widths or any(
+                    isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.encoder_widths):
+                checks.fail("encoder_widths", self.encoder_widths, "must be None or a tuple of positive ints")
+        checks.choice("moe", self.moe, MOE_TYPES)
+        checks.positive_int("num_experts", self.num_experts)
+        checks.positive_int("hidden", self.hidden)
+        checks.positive_int("width_multiplier", self.width_multiplier)
+        checks.positive_number("capacity_factor", self.capacity_factor)
+        checks.optional_positive_int("slots_per_expert", self.slots_per_expert)
+        checks.positive_int("k", self.k)
+        checks.non_negative_number("router_noise", self.router_noise)
+        checks.choice("aux_loss", self.aux_loss, AUX_LOSS_NAMES)
+        checks.choice("tokenizer", self.tokenizer, (None, *TOKENIZER_NAMES))
+        checks.positive_int("patch_size", self.patch_size)
+        checks.optional_positive_int("patch_dim", self.patch_dim)
+        checks.choice("aggregation", self.aggregation, AGGREGATION_NAMES)
+        checks.choice("head", self.head, HEAD_TYPES)
+        checks.optional_positive_int("num_atoms", self.num_atoms)
+        checks.positive_number("noisy_sigma0", self.noisy_sigma0)
+        checks.choice("dtype", self.dtype, DTYPES)
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        if self.encoder_widths is not None and self.encoder == "nature":
+            checks.fail("encoder_widths", self.encoder_widths, "the nature encoder has fixed widths: use None")
+        if self.encoder_widths is not None and self.encoder == "minatar" and len(self.encoder_widths) != 1:
+            checks.fail("encoder_widths", self.encoder_widths, "the minatar encoder takes one width, e.g. (16,)")
+        if self.moe == "dense" and self.num_experts != 1:
+            checks.fail("num_experts", self.num_experts,
+                        "moe='dense' has no experts: leave num_experts=1 and scale width_multiplier")
+        if self.moe != "dense" and self.width_multiplier != 1:
+            checks.fail("width_multiplier", self.width_multiplier,
+                        f"applies to moe='dense' only (moe={self.moe!r}): scale num_experts instead")
+        if self.moe == "topk" and self.k > self.num_experts:
+            checks.fail("k", self.k, f"must be <= num_experts={self.num_experts}")
+        if self.head == "c51" and (self.num_atoms is None or self.num_atoms < 2):
+            checks.fail("num_atoms", self.num_atoms, "a c51 head needs num_atoms >= 2 (the paper uses 51)")
+        if self.head == "q" and self.num_atoms is not None:
+            checks.fail("num_atoms", self.num_atoms, "only a c51 head has atoms: set head='c51' or num_atoms=None")
+        if not self.v_min < self.v_max:
+            checks.fail("v_min", self.v_min, f"must be < v_max={self.v_max}")
+
+    @property
+    def token_kind(self) -> str:
+        """Tokenizer actually used (resolves the None default)."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return "per_sample" if self.moe == "dense" else "per_conv"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (tuples become lists) for YAML/JSON."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NetworkConfig:
+        """Inverse of to_dict; unknown keys raise ValueError suggesting the closest field."""
+        return from_dict(cls, data)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a config dataclass from a dict, refusing unknown keys with a suggestion."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "valid: " + ", ".join(names)
+            checks.fail(key, data[key], f"unknown {cls.__name__} field; {hint}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**values)

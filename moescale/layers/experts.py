@@ -1,0 +1,51 @@
+"""Expert MLPs evaluated for all experts in one batched operation.
+
+Axes: E experts, C items per expert (slots or capacity), D token dim, H hidden width.
+Leading batch axes are written `...`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moescale import checks
+
+# Obando-Ceron et al. 2024 (Dopamine labs/moes) initialise experts with Xavier-uniform; the fans are per
+# expert, so the expert axis is a batch axis of the initializer.
+EXPERT_INIT = nn.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+class Experts(nn.Module):
+    """E independent MLPs Dense(H) -> ReLU -> Dense(D): (..., E, C, D) -> (..., E, C, D)."""
+
+    num_experts: int
+    hidden: int = 512
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        checks.positive_int("num_experts", self.num_experts)
+        checks.positive_int("expert_hidden", self.hidden)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        e, h, d = self.num_experts, self.hidden, x.shape[-1]
+        if x.shape[-3] != e:
+            raise ValueError(f"x.shape={x.shape}: axis -3 must hold the {e} experts")
+        w1 = self.param("w1", EXPERT_INIT, (e, d, h), self.param_dtype)
+        b1 = self.param("b1", nn.initializers.zeros, (e, h), self.param_dtype)
+        w2 = self.param("w2", EXPERT_INIT, (e, h, d), self.param_dtype)
+        b2 = self.param("b2", nn.initializers.zeros, (e, d), self.param_dtype)
+        x, w1, b1, w2, b2 = nn.dtypes.promote_dtype(x, w1, b1, w2, b2, dtype=self.dtype)
+        hid = nn.relu(jnp.einsum("...ecd,edh->...ech", x, w1) + b1[:, None, :])  # (..., E, C, H)
+        return jnp.einsum("...ech,ehd->...ecd", hid, w2) + b2[:, None, :]  # (..., E, C, D)
+
+
+def expert_param_count(num_experts: int, dim: int, hidden: int) -> int:
+    """Parameters of E experts Dense(H) -> Dense(D) on tokens of dim D."""
+    return num_experts * (dim * hidden + hidden + hidden * dim + dim)

@@ -1,0 +1,179 @@
+"""Observation encoders: pixels or vectors -> a feature map for tokenization.
+
+Axes:
+  B  batch (any number of leading dims, including none)
+  H, W, C  input height, width, channels
+  h, w, c  output feature-map height, width, channels
+  F  vector-observation features
+
+Every encoder returns a feature map (B..., h, w, c) so that the tokenizer after it (PerConv: h*w tokens of
+dim c; PerFeat: c tokens of dim h*w) works the same for every encoder; the MLP returns (B..., 1, 1, F_out).
+Kernels use Xavier-uniform init and zero biases, as Dopamine's JAX networks do (the MoE paper,
+Obando-Ceron et al. 2024, builds on those networks). Parameters are float32; `dtype` sets the computation
+dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moescale import checks
+
+Dtype = Any
+
+_KERNEL_INIT = nn.initializers.xavier_uniform()
+_BIAS_INIT = nn.initializers.zeros
+
+
+def preprocess(x: jax.Array, dtype: Dtype) -> jax.Array:
+    """Cast observations to `dtype`; uint8 frames (Atari) are scaled to [0, 1] by /255 first."""
+    if x.dtype == jnp.uint8:
+        # Divide in float32 before any down-cast so bfloat16 runs see the same rounding of pixel values.
+        return (x.astype(jnp.float32) / 255.0).astype(dtype)
+    return x.astype(dtype)
+
+
+def _conv(features: int, kernel: int, stride: int, padding: str, dtype: Dtype, name: str) -> nn.Conv:
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=padding,
+        kernel_init=_KERNEL_INIT,
+        bias_init=_BIAS_INIT,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def _flatten_batch(x: jax.Array, name: str) -> tuple[jax.Array, tuple[int, ...]]:
+    """(B..., H, W, C) -> (prod(B), H, W, C) and the leading shape, so convs and pools see one batch dim."""
+    if x.ndim < 3:
+        raise ValueError(f"{name}: observations must have shape (..., H, W, C), got shape {x.shape}")
+    lead = x.shape[:-3]
+    return x.reshape((-1, *x.shape[-3:])), lead
+
+
+class NatureCNN(nn.Module):
+    """Nature DQN torso (Mnih et al. 2015): (B..., 84, 84, 4) -> (B..., 7, 7, 64)."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B..., H, W, C) -> (B..., h, w, 64); VALID padding, so 84 -> 20 -> 9 -> 7."""
+        x, lead = _flatten_batch(x, "NatureCNN")
+        x = preprocess(x, self.dtype)
+        # (features, kernel, stride) from Mnih et al. 2015, "Methods: model architecture".
+        for i, (features, kernel, stride) in enumerate(((32, 8, 4), (64, 4, 2), (64, 3, 1))):
+            x = nn.relu(_conv(features, kernel, stride, "VALID", self.dtype, f"conv_{i}")(x))
+        return x.reshape((*lead, *x.shape[1:]))
+
+
+class _ImpalaResidualBlock(nn.Module):
+    """relu -> conv3x3 -> relu -> conv3x3, plus the skip (Espeholt et al. 2018, figure 3)."""
+
+    channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = nn.relu(x)
+        y = _conv(self.channels, 3, 1, "SAME", self.dtype, "conv_0")(y)
+        y = nn.relu(y)
+        y = _conv(self.channels, 3, 1, "SAME", self.dtype, "conv_1")(y)
+        return x + y
+
+
+class ImpalaCNN(nn.Module):
+    """IMPALA deep torso (Espeholt et al. 2018): (B..., 84, 84, 4) -> (B..., 11, 11, channels[-1])."""
+
+    channels: Sequence[int] = (16, 32, 32)
+    dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        checks.positive_ints("channels", self.channels)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B..., H, W, C) -> (B..., h, w, channels[-1]); each stack halves H, W: 84 -> 42 -> 21 -> 11."""
+        x, lead = _flatten_batch(x, "ImpalaCNN")
+        x = preprocess(x, self.dtype)
+        for i, ch in enumerate(self.channels):
+            x = _conv(ch, 3, 1, "SAME", self.dtype, f"stack_{i}_conv")(x)
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+            for j in range(2):
+                x = _ImpalaResidualBlock(ch, self.dtype, name=f"stack_{i}_res_{j}")(x)
+        # The residual stream is never rectified inside the stacks, hence the final ReLU.
+        x = nn.relu(x)
+        return x.reshape((*lead, *x.shape[1:]))
+
+
+class MinAtarCNN(nn.Module):
+    """MinAtar conv (Young & Tian 2019; Obando-Ceron 2021): (B..., 10, 10, C) -> (B..., 10, 10, 16)."""
+
+    features: int = 16
+    dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        checks.positive_int("features", self.features)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B..., H, W, C) -> (B..., H, W, features); SAME padding (Flax) keeps the 10x10 grid."""
+        x, lead = _flatten_batch(x, "MinAtarCNN")
+        x = preprocess(x, self.dtype)
+        x = nn.relu(_conv(self.features, 3, 1, "SAME", self.dtype, "conv_0")(x))
+        return x.reshape((*lead, *x.shape[1:]))
+
+
+class MLPEncoder(nn.Module):
+    """Dense+ReLU stack for vector observations: (B..., F) -> (B..., 1, 1, hidden[-1])."""
+
+    hidden: Sequence[int] = (256, 256)
+    dtype: Dtype = jnp.float32
+
+    def __post_init__(self) -> None:
+        checks.positive_ints("hidden", self.hidden)
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B..., F) -> (B..., 1, 1, hidden[-1]); the 1x1 map lets every tokenizer follow any encoder."""
+        if x.ndim < 1:
+            raise ValueError(f"MLPEncoder: observations must have shape (..., F), got shape {x.shape}")
+        x = preprocess(x, self.dtype)
+        for i, width in enumerate(self.hidden):
+            x = nn.Dense(
+                width,
+                kernel_init=_KERNEL_INIT,
+                bias_init=_BIAS_INIT,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name=f"dense_{i}",
+            )(x)
+            x = nn.relu(x)
+        return x[..., None, None, :]
+
+
+ENCODERS: dict[str, type[nn.Module]] = {
+    "nature": NatureCNN,
+    "impala": ImpalaCNN,
+    "minatar": MinAtarCNN,
+    "mlp": MLPEncoder,
+}
+
+
+def make_encoder(encoder: str, **kwargs: Any) -> nn.Module:
+    """Build the encoder registered under `encoder` with `kwargs` as its fields (flax `name` included)."""
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder={encoder!r}: unknown encoder; valid names are {sorted(ENCODERS)}")
+    return ENCODERS[encoder](**kwargs)

@@ -1,0 +1,189 @@
+"""build_network(config, obs_shape, num_actions): encoder -> tokenizer -> penultimate -> aggregation -> head.
+
+Axes: B batch (any leading axes), h/w/c feature map, T tokens, D token dim, A actions, N atoms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moescale.config import NetworkConfig
+from moescale.layers import (
+    DenseMLP,
+    ExpertChoiceMoE,
+    SoftMoE,
+    Tokenizer,
+    TopKMoE,
+    aggregate,
+    expert_choice_capacity,
+    soft_moe_slots,
+    token_shape,
+    topk_capacity,
+)
+from moescale.networks.encoders import make_encoder
+from moescale.networks.heads import HeadOutput, QHead
+
+PARTS = ("encoder", "tokenizer", "penultimate", "head")
+
+
+def _dtype(config: NetworkConfig) -> Any:
+    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+
+
+def encoder_kwargs(config: NetworkConfig) -> dict[str, Any]:
+    """Keyword arguments of the configured encoder (its widths, when overridden)."""
+    kwargs: dict[str, Any] = {"dtype": _dtype(config)}
+    widths = config.encoder_widths
+    if widths is not None:
+        kwargs[{"impala": "channels", "mlp": "hidden", "minatar": "features"}[config.encoder]] = (
+            widths[0] if config.encoder == "minatar" else widths)
+    return kwargs
+
+
+def make_penultimate(config: NetworkConfig) -> nn.Module:
+    """The configured dense or MoE layer, named "penultimate"."""
+    common = {"dtype": _dtype(config), "name": "penultimate"}
+    if config.moe == "dense":
+        return DenseMLP(config.hidden, config.width_multiplier, project=config.token_kind != "per_sample",
+                        **common)
+    if config.moe == "softmoe":
+        return SoftMoE(config.num_experts, config.slots_per_expert, config.capacity_factor, config.hidden,
+                       config.normalize, config.random_phi, **common)
+    if config.moe == "topk":
+        return TopKMoE(config.num_experts, config.k, config.capacity_factor, config.hidden,
+                       config.router_noise, config.aux_loss, **common)
+    return ExpertChoiceMoE(config.num_experts, config.capacity_factor, config.hidden, **common)
+
+
+class QNetwork(nn.Module):
+    """Observations (B..., *obs) -> HeadOutput(q_values (B..., A), logits (B..., A, N) or None).
+
+    Sows each MoE layer's auxiliary loss into "aux_loss" and, when "routing" is mutable, its routing
+    statistics. deterministic=False turns on noisy-net noise (rng "noise") and router noise ("router").
+    """
+
+    config: NetworkConfig
+    num_actions: int
+
+    @nn.compact
+    def __call__(self, obs: jax.Array, deterministic: bool = True) -> HeadOutput:
+        cfg = self.config
+        fmap = make_encoder(cfg.encoder, name="encoder", **encoder_kwargs(cfg))(obs)  # (B..., h, w, c)
+        tokens = Tokenizer(cfg.token_kind, cfg.patch_size, cfg.patch_dim, dtype=_dtype(cfg),
+                           name="tokenizer")(fmap)  # (B..., T, D)
+        layer = make_penultimate(cfg)
+        tokens = layer(tokens, deterministic) if cfg.moe == "topk" else layer(tokens)
+        features = aggregate(tokens, cfg.aggregation)  # (B..., F)
+        head = QHead(self.num_actions, cfg.dueling, cfg.num_atoms if cfg.head == "c51" else None,
+                     cfg.v_min, cfg.v_max, cfg.noisy, cfg.noisy_sigma0, dtype=_dtype(cfg), name="head")
+        out = head(features, deterministic=deterministic)
+        # Q-values leave the network in float32 whatever the compute dtype: TD targets need the precision.
+        return jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), out)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkInfo:
+    """What build_network measured: shapes, capacity, parameter counts and forward FLOPs."""
+
+    feature_shape: tuple[int, int, int]
+    token_shape: tuple[int, int]
+    capacity: int | None  # slots per expert (softmoe) or tokens per expert (topk, expert_choice)
+    params: dict[str, int]  # encoder, tokenizer, penultimate, head, total, active_per_token
+    forward_flops: float  # per example, from XLA's cost analysis of the compiled forward pass
+
+    def summary(self) -> str:
+        """Human-readable multi-line description."""
+        p = self.params
+        lines = [f"feature map {self.feature_shape} -> tokens {self.token_shape} (T, D)"]
+        if self.capacity is not None:
+            lines.append(f"capacity per expert: {self.capacity}")
+        lines.append("params: " + ", ".join(f"{k} {v:,}" for k, v in p.items()))
+        lines.append(f"forward FLOPs per example: {self.forward_flops:,.0f}")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """A built value network: the flax module plus its config, input spec and info."""
+
+    module: QNetwork
+    config: NetworkConfig
+    obs_shape: tuple[int, ...]
+    obs_dtype: Any
+    info: NetworkInfo
+
+    def init(self, key: jax.Array) -> dict:
+        """Parameters {"params": ...} for one network (sown collections are dropped)."""
+        dummy = jnp.zeros((1, *self.obs_shape), self.obs_dtype)
+        # One compiled program: eager init would compile every initializer op separately, ~10x slower on CPU.
+        return {"params": jax.jit(self.module.init)(key, dummy)["params"]}
+
+    def apply(self, params: dict, obs: jax.Array, **kwargs: Any) -> Any:
+        """QNetwork.apply on observations (B..., *obs_shape)."""
+        return self.module.apply(params, obs, **kwargs)
+
+
+def _count(tree: Any) -> int:
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def param_counts(config: NetworkConfig, params: dict, num_tokens: int, capacity: int | None) -> dict[str, int]:
+    """Parameters per part, total, and those applied to one token's representation at the penultimate
+    layer (active_per_token: all of it for dense and Soft MoE, whose slots mix every token; router + k
+    experts for top-k; router + the expected E*C/T experts for expert choice)."""
+    tree = params["params"]
+    counts = {part: _count(tree.get(part, {})) for part in PARTS}
+    counts["total"] = _count(tree)
+    pen = tree.get("penultimate", {})
+    if config.moe in ("topk", "expert_choice"):
+        per_expert = _count(pen["experts"]) / config.num_experts
+        experts_per_token = (config.k if config.moe == "topk"
+                             else config.num_experts * capacity / num_tokens)
+        counts["active_per_token"] = round(_count(pen["router"]) + experts_per_token * per_expert)
+    else:
+        counts["active_per_token"] = counts["penultimate"]
+    return counts
+
+
+def _capacity(config: NetworkConfig, num_tokens: int) -> int | None:
+    if config.moe == "softmoe":
+        return config.slots_per_expert or soft_moe_slots(num_tokens, config.num_experts, config.capacity_factor)
+    if config.moe == "topk":
+        return topk_capacity(num_tokens, config.num_experts, config.k, config.capacity_factor)
+    if config.moe == "expert_choice":
+        return expert_choice_capacity(num_tokens, config.num_experts, config.capacity_factor)
+    return None
+
+
+def build_network(config: NetworkConfig, obs_shape: tuple[int, ...], num_actions: int,
+                  obs_dtype: Any = jnp.float32) -> Network:
+    """Compose the value network and measure it; bad shapes raise ValueError before any training trace."""
+    if isinstance(num_actions, bool) or not isinstance(num_actions, int) or num_actions < 1:
+        raise ValueError(f"num_actions={num_actions!r}: must be a positive int")
+    obs_shape = tuple(int(s) for s in obs_shape)
+    module = QNetwork(config, num_actions)
+    dummy = jax.ShapeDtypeStruct((1, *obs_shape), obs_dtype)
+    encoder = make_encoder(config.encoder, **encoder_kwargs(config))
+    fmap = jax.eval_shape(lambda x: encoder.init_with_output(jax.random.key(0), x)[0], dummy)
+    if len(fmap.shape) != 4:
+        raise ValueError(f"obs_shape={obs_shape}: encoder {config.encoder!r} gave features {fmap.shape[1:]}")
+    feature_shape = tuple(fmap.shape[1:])
+    tokens = token_shape(config.token_kind, feature_shape, config.patch_size, config.patch_dim)
+    capacity = _capacity(config, tokens[0])
+    variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), dummy)
+    params = {"params": variables["params"]}
+    flops = _forward_flops(module, params, dummy)
+    info = NetworkInfo(feature_shape, tokens, capacity, param_counts(config, params, tokens[0], capacity), flops)
+    return Network(module, config, obs_shape, obs_dtype, info)
+
+
+def _forward_flops(module: QNetwork, params: Any, dummy: jax.ShapeDtypeStruct) -> float:
+    """FLOPs of one deterministic forward pass on one example, as XLA counts them."""
+    cost = jax.jit(lambda p, x: module.apply(p, x)).lower(params, dummy).cost_analysis()
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
