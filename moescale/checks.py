@@ -13,14 +13,15 @@ def fail(field: str, value: Any, allowed: str) -> None:
     raise ValueError(f"{field}={value!r}: {allowed}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """True for Python and numpy ints, False for bools."""
     # bool is an int subclass, but True as a width or a count is almost surely a mistake.
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def int_at_least(field: str, value: Any, low: int) -> None:
     """Check value is an int >= low (bools are refused)."""
-    if not _is_int(value) or value < low:
+    if not is_int(value) or value < low:
         fail(field, value, "must be a positive int" if low == 1 else f"must be an int >= {low}")
 
 
@@ -33,7 +34,7 @@ def positive_ints(field: str, values: Any) -> None:
     """Check values is a non-empty sequence of ints >= 1."""
     if not isinstance(values, Sequence) or isinstance(values, str) or len(values) == 0:
         fail(field, values, "must be a non-empty tuple of positive ints")
-    if not all(_is_int(v) and v >= 1 for v in values):
+    if not all(is_int(v) and v >= 1 for v in values):
         fail(field, tuple(values), "each entry must be a positive int")
 
 

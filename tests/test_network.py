@@ -27,21 +27,35 @@ def small(**kw) -> NetworkConfig:
     return NetworkConfig(**base)
 
 
+def shapes_of(net, obs_shape, **apply_kw):
+    """Output shapes of init + apply, traced abstractly (nothing is compiled)."""
+    obs = jax.ShapeDtypeStruct(obs_shape, jnp.float32)
+    params = jax.eval_shape(net.module.init, jax.random.key(0), obs)
+    return jax.eval_shape(lambda p, x: net.apply({"params": p["params"]}, x, **apply_kw), params, obs)
+
+
 class TestShapes:
     @pytest.mark.parametrize("moe,tokenizer,aggregation",
                              list(itertools.product(MOE_TYPES, TOKENIZER_NAMES, AGGREGATION_NAMES)))
     def test_every_layer_tokenizer_aggregation(self, moe, tokenizer, aggregation):
         cfg = small(moe=moe, tokenizer=tokenizer, aggregation=aggregation, patch_size=2, patch_dim=8)
         net = build_network(cfg, MINATAR, 5)
-        params = net.init(jax.random.key(0))
-        out = net.apply(params, jnp.ones((3, *MINATAR)))
+        out = shapes_of(net, (3, *MINATAR))
         assert out.q_values.shape == (3, 5)
         assert out.logits is None
-        assert np.all(np.isfinite(out.q_values))
         # The token shape the network reports is the one the tokenizer makes.
         t, d = {"per_conv": (100, 16), "per_feature": (16, 100), "per_sample": (1, 1600),
                 "per_patch": (25, 8)}[tokenizer]
         assert net.info.token_shape == (t, d)
+
+    @pytest.mark.parametrize("moe", MOE_TYPES)
+    def test_values_finite_jit_equals_eager(self, moe):
+        net = build_network(small(moe=moe), MINATAR, 5)
+        params = net.init(jax.random.key(0))
+        obs = jax.random.uniform(jax.random.key(1), (3, *MINATAR))
+        q = jax.jit(net.apply)(params, obs).q_values
+        assert np.all(np.isfinite(q))
+        np.testing.assert_allclose(net.apply(params, obs).q_values, q, rtol=1e-5, atol=1e-6)
 
     @pytest.mark.parametrize("head,dueling,noisy", list(itertools.product(["q", "c51"], [False, True],
                                                                           [False, True])))
@@ -49,8 +63,7 @@ class TestShapes:
         cfg = small(moe="softmoe", head=head, num_atoms=11 if head == "c51" else None, dueling=dueling,
                     noisy=noisy)
         net = build_network(cfg, MINATAR, 4)
-        params = net.init(jax.random.key(0))
-        out = net.apply(params, jnp.ones((2, 7, *MINATAR)), deterministic=False,
+        out = shapes_of(net, (2, 7, *MINATAR), deterministic=False,
                         rngs={"noise": jax.random.key(1), "router": jax.random.key(2)})
         assert out.q_values.shape == (2, 7, 4)
         if head == "c51":
@@ -58,7 +71,7 @@ class TestShapes:
 
     def test_vector_observations(self):
         net = build_network(NetworkConfig(encoder="mlp", moe="softmoe", num_experts=4, hidden=32), (6,), 3)
-        out = net.apply(net.init(jax.random.key(0)), jnp.ones((5, 6)))
+        out = shapes_of(net, (5, 6))
         assert out.q_values.shape == (5, 3)
         assert net.info.token_shape == (1, 256)  # MLP features (1, 1, 256) -> one per_conv token
 
@@ -174,8 +187,8 @@ class TestSeedsAndDtypes:
         net16 = build_network(NetworkConfig(**{**cfg32.to_dict(), "dtype": "bfloat16"}), MINATAR, 4)
         params = net32.init(jax.random.key(0))
         obs = jax.random.uniform(jax.random.key(1), (8, *MINATAR))
-        q32 = net32.apply(params, obs).q_values
-        q16 = net16.apply(params, obs).q_values
+        q32 = jax.jit(net32.apply)(params, obs).q_values
+        q16 = jax.jit(net16.apply)(params, obs).q_values
         assert q16.dtype == jnp.float32  # Q-values leave the network in float32
         # bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); errors add over a few layers.
         np.testing.assert_allclose(q16, q32, rtol=0.05, atol=0.05 * float(jnp.abs(q32).max()))
@@ -192,5 +205,5 @@ class TestSeedsAndDtypes:
         grads = jax.jit(jax.grad(loss))(params)
         w1 = grads["params"]["penultimate"]["experts"]["w1"]  # (E, D, H)
         assert np.all(np.isfinite(w1)) and np.all(np.abs(w1).sum(axis=(1, 2)) > 0)
-        _, aux = net.apply(params, obs, mutable=["aux_loss"])
+        _, aux = jax.jit(lambda p: net.apply(p, obs, mutable=["aux_loss"]))(params)
         assert float(total_aux_loss(aux)) > 0

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from moescale import checks
-from moescale.layers.experts import EXPERT_INIT, Experts
+from moescale.layers.experts import Experts
 from moescale.layers.routing import (
     entropy,
     expert_choice_capacity,
@@ -26,6 +26,8 @@ from moescale.layers.routing import (
 )
 
 AUX_LOSSES = (None, "load_balance", "z_loss", "both")
+# A plain (D, E) matrix: Xavier-uniform with fans D and E.
+ROUTER_INIT = nn.initializers.xavier_uniform()
 
 
 def topk_assign(probs: jax.Array, k: int, capacity: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -99,7 +101,7 @@ class TopKMoE(nn.Module):
         lead, (t, d) = x.shape[:-2], x.shape[-2:]
         e, cap = self.num_experts, self.capacity(t)
         xb = x.reshape(-1, t, d)  # (B, T, D)
-        router = self.param("router", EXPERT_INIT, (d, e), self.param_dtype)
+        router = self.param("router", ROUTER_INIT, (d, e), self.param_dtype)
         logits = jnp.einsum("btd,de->bte", xb.astype(jnp.float32), router.astype(jnp.float32))
         if self.router_noise > 0 and not deterministic:
             logits = logits + self.router_noise * jax.random.normal(self.make_rng("router"), logits.shape)
@@ -171,7 +173,7 @@ class ExpertChoiceMoE(nn.Module):
         lead, (t, d) = x.shape[:-2], x.shape[-2:]
         e, cap = self.num_experts, self.capacity(t)
         xb = x.reshape(-1, t, d)  # (B, T, D)
-        router = self.param("router", EXPERT_INIT, (d, e), self.param_dtype)
+        router = self.param("router", ROUTER_INIT, (d, e), self.param_dtype)
         logits = jnp.einsum("btd,de->bte", xb.astype(jnp.float32), router.astype(jnp.float32))
         probs = jax.nn.softmax(logits, axis=-1)  # (B, T, E)
         gates, token = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), cap)  # (B, E, C)

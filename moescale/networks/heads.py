@@ -30,8 +30,8 @@ _BIAS_INIT = nn.initializers.zeros
 
 
 def _check_num_atoms(num_atoms: Any) -> None:
-    if num_atoms is not None:
-        checks.int_at_least("num_atoms", num_atoms, 2)
+    if num_atoms is not None and not (checks.is_int(num_atoms) and num_atoms >= 2):
+        checks.fail("num_atoms", num_atoms, "must be None (no C51) or an int >= 2")
 
 
 def _check_support_range(v_min: Any, v_max: Any) -> None:

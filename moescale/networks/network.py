@@ -6,6 +6,7 @@ Axes: B batch (any leading axes), h/w/c feature map, T tokens, D token dim, A ac
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -120,13 +121,19 @@ class Network:
 
     def init(self, key: jax.Array) -> dict:
         """Parameters {"params": ...} for one network (sown collections are dropped)."""
-        dummy = jnp.zeros((1, *self.obs_shape), self.obs_dtype)
-        # One compiled program: eager init would compile every initializer op separately, ~10x slower on CPU.
-        return {"params": jax.jit(self.module.init)(key, dummy)["params"]}
+        return {"params": _jitted_init(self.module, self.obs_shape, self.obs_dtype)(key)["params"]}
 
     def apply(self, params: dict, obs: jax.Array, **kwargs: Any) -> Any:
         """QNetwork.apply on observations (B..., *obs_shape)."""
         return self.module.apply(params, obs, **kwargs)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_init(module: QNetwork, obs_shape: tuple[int, ...], obs_dtype: Any) -> Any:
+    # One compiled program per network, reused for every seed: eager init would compile each initializer op
+    # on its own, several times slower on CPU.
+    dummy = jnp.zeros((1, *obs_shape), obs_dtype)
+    return jax.jit(lambda key: module.init(key, dummy))
 
 
 def _count(tree: Any) -> int:
