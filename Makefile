@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) benchmarks/layer_step.py --repeats 15
+	$(PY) benchmarks/layer_step.py --repeats 10
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
