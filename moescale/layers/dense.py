@@ -15,8 +15,12 @@ import jax.numpy as jnp
 from moescale import checks
 from moescale.layers.routing import sow_aux_loss, sow_routing, wants_routing
 
-# Xavier-uniform, as the experts and Dopamine's JAX networks.
-DENSE_INIT = nn.initializers.xavier_uniform()
+
+def xavier_dense(features: int, dtype: Any = jnp.float32, name: str | None = None,
+                 param_dtype: Any = jnp.float32) -> nn.Dense:
+    """nn.Dense with Xavier-uniform kernel and zero bias, as Dopamine's JAX networks (and the experts)."""
+    return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
+                    dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class DenseMLP(nn.Module):
@@ -47,9 +51,8 @@ class DenseMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=DENSE_INIT)
-        h = nn.relu(nn.Dense(self.width, name="hidden", **dense)(x))  # (..., T, H)
-        y = nn.Dense(d, name="out", **dense)(h) if self.project else h
+        h = nn.relu(xavier_dense(self.width, self.dtype, "hidden", self.param_dtype)(x))  # (..., T, H)
+        y = xavier_dense(d, self.dtype, "out", self.param_dtype)(h) if self.project else h
         sow_aux_loss(self, 0.0)
         if wants_routing(self):
             # One "expert" that sees every token: the degenerate case of the routing statistics.

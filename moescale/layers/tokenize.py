@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from moescale import checks
+from moescale.layers.dense import xavier_dense
 
 TOKENIZERS = ("per_conv", "per_feature", "per_sample", "per_patch")
 AGGREGATIONS = ("flatten", "mean", "sum")
@@ -71,8 +72,7 @@ class Tokenizer(nn.Module):
         p = self.patch_size
         x = fmap.reshape(*lead, h // p, p, w // p, p, c)
         x = jnp.moveaxis(x, -4, -3).reshape(*lead, t, p * p * c)  # patch rows in (row, col, channel) order
-        return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=nn.initializers.xavier_uniform(), name="patch_proj")(x)
+        return xavier_dense(d, self.dtype, "patch_proj", self.param_dtype)(x)
 
 
 def aggregate(tokens: jax.Array, kind: str = "flatten") -> jax.Array:

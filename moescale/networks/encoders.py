@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 
 from moescale import checks
+from moescale.layers.dense import xavier_dense
 
 Dtype = Any
 
 _KERNEL_INIT = nn.initializers.xavier_uniform()
-_BIAS_INIT = nn.initializers.zeros
 
 
 def preprocess(x: jax.Array, dtype: Dtype) -> jax.Array:
@@ -45,7 +45,7 @@ def _conv(features: int, kernel: int, stride: int, padding: str, dtype: Dtype, n
         strides=(stride, stride),
         padding=padding,
         kernel_init=_KERNEL_INIT,
-        bias_init=_BIAS_INIT,
+        bias_init=nn.initializers.zeros,
         dtype=dtype,
         param_dtype=jnp.float32,
         name=name,
@@ -152,14 +152,7 @@ class MLPEncoder(nn.Module):
             raise ValueError(f"MLPEncoder: observations must have shape (..., F), got shape {x.shape}")
         x = preprocess(x, self.dtype)
         for i, width in enumerate(self.hidden):
-            x = nn.Dense(
-                width,
-                kernel_init=_KERNEL_INIT,
-                bias_init=_BIAS_INIT,
-                dtype=self.dtype,
-                param_dtype=jnp.float32,
-                name=f"dense_{i}",
-            )(x)
+            x = xavier_dense(width, self.dtype, f"dense_{i}")(x)
             x = nn.relu(x)
         return x[..., None, None, :]
 

@@ -22,11 +22,10 @@ import jax
 import jax.numpy as jnp
 
 from moescale import checks
+from moescale.layers.dense import xavier_dense
 
 Dtype = Any
 
-_KERNEL_INIT = nn.initializers.xavier_uniform()
-_BIAS_INIT = nn.initializers.zeros
 
 
 def _check_num_atoms(num_atoms: Any) -> None:
@@ -148,15 +147,7 @@ class QHead(nn.Module):
         """One linear stream (B..., F) -> (B..., out): NoisyDense when noisy, else Xavier-uniform Dense."""
         if self.noisy:
             return NoisyDense(out, self.sigma0, dtype=self.dtype, name=name)(x, deterministic=deterministic)
-        dense = nn.Dense(
-            out,
-            kernel_init=_KERNEL_INIT,
-            bias_init=_BIAS_INIT,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name=name,
-        )
-        return dense(x)
+        return xavier_dense(out, self.dtype, name)(x)
 
     @nn.compact
     def __call__(self, features: jax.Array, deterministic: bool = True) -> HeadOutput:
