@@ -130,3 +130,108 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
             checks.fail(key, data[key], f"unknown {cls.__name__} field; {hint}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
     return cls(**values)
+
+
+LOSSES = ("mse", "huber")
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    """DQN-family hyperparameters. Steps are agent steps (environment steps of one seed, all its envs)."""
+
+    learning_rate: float = 2.5e-4
+    adam_eps: float = 3.125e-4
+    batch_size: int = 32
+    gamma: float = 0.99
+    update_period: int = 4  # agent steps per gradient update (replay ratio 1/update_period)
+    target_update_period: int = 1000  # agent steps between target-network copies
+    min_replay: int = 1000  # agent steps of random acting before learning starts
+    replay_capacity: int = 100_000
+    eps_start: float = 1.0
+    eps_end: float = 0.01
+    eps_decay_steps: int = 250_000
+    eps_eval: float = 0.001
+    loss: str = "mse"
+    double_q: bool = False
+
+    def __post_init__(self) -> None:
+        checks.positive_number("learning_rate", self.learning_rate)
+        checks.positive_number("adam_eps", self.adam_eps)
+        for name in ("batch_size", "update_period", "target_update_period", "replay_capacity", "eps_decay_steps"):
+            checks.positive_int(name, getattr(self, name))
+        checks.int_at_least("min_replay", self.min_replay, 0)
+        if not 0.0 <= self.gamma <= 1.0:
+            checks.fail("gamma", self.gamma, "must be in [0, 1]")
+        for name in ("eps_start", "eps_end", "eps_eval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                checks.fail(name, value, "must be a probability in [0, 1]")
+        checks.choice("loss", self.loss, LOSSES)
+        if self.batch_size > self.replay_capacity:
+            checks.fail("batch_size", self.batch_size, f"must be <= replay_capacity={self.replay_capacity}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run: environment, network, agent, budget and bookkeeping."""
+
+    env: str = "Breakout-MinAtar"
+    preset: str = "minatar-dqn"
+    sticky_prob: float | None = None  # None: the environment's protocol default (MinAtar 0.1)
+    max_episode_steps: int | None = None  # None: the environment's protocol default
+    network: NetworkConfig = dataclasses.field(default_factory=NetworkConfig)
+    agent: AgentConfig = dataclasses.field(default_factory=AgentConfig)
+    steps: int = 10_000_000  # agent steps per seed
+    seeds: int = 1
+    seed: int = 0  # seed s of the run uses PRNG key (seed + s)
+    num_envs: int = 1  # environments per seed
+    iteration_steps: int = 10_000  # agent steps per seed between metric rows
+    eval_episodes: int = 8
+    eval_max_steps: int = 5_000  # per evaluation episode
+    checkpoint_every: int = 10  # iterations
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seeds", "num_envs", "iteration_steps", "eval_episodes", "eval_max_steps",
+                     "checkpoint_every"):
+            checks.positive_int(name, getattr(self, name))
+        checks.int_at_least("seed", self.seed, 0)
+        if self.sticky_prob is not None and not (isinstance(self.sticky_prob, int | float)
+                                                 and 0.0 <= self.sticky_prob < 1.0):
+            checks.fail("sticky_prob", self.sticky_prob, "must be None or in [0, 1)")
+        checks.optional_positive_int("max_episode_steps", self.max_episode_steps)
+        period, envs = self.agent.update_period, self.num_envs
+        if period % envs and envs % period:
+            checks.fail("num_envs", envs, f"must divide agent.update_period={period} or be a multiple of it, "
+                        "so the replay ratio stays the preset's")
+        if self.iteration_steps % self.steps_per_loop:
+            checks.fail("iteration_steps", self.iteration_steps,
+                        f"must be a multiple of {self.steps_per_loop} agent steps (one acting+learning round)")
+        if self.steps < self.agent.min_replay:
+            checks.fail("steps", self.steps, f"must be >= agent.min_replay={self.agent.min_replay}")
+
+    @property
+    def steps_per_loop(self) -> int:
+        """Agent steps per seed in one round of acting and learning: max(num_envs, update_period)."""
+        return max(self.num_envs, self.agent.update_period)
+
+    @property
+    def iterations(self) -> int:
+        """Metric rows per seed: ceil(steps / iteration_steps)."""
+        return -(-self.steps // self.iteration_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict for YAML."""
+        out = dataclasses.asdict(self)
+        out["network"] = self.network.to_dict()
+        out["agent"] = dataclasses.asdict(self.agent)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of to_dict; unknown keys raise ValueError suggesting the closest field."""
+        data = dict(data)
+        if "network" in data:
+            data["network"] = NetworkConfig.from_dict(data["network"])
+        if "agent" in data:
+            data["agent"] = from_dict(AgentConfig, data["agent"])
+        return from_dict(cls, data)

@@ -1,0 +1,1 @@
+"""Training loops: the compiled trainer (anakin), host-side runs, checkpoints."""

@@ -1,0 +1,190 @@
+"""Host side of a training run: run directory, compile, iterate, log, checkpoint, resume, summarise.
+
+The run directory holds config.yaml (fully resolved, loadable), metrics.csv and metrics.parquet (one row per
+iteration per seed), summary.json and checkpoints/. Every file is written to a temporary name and renamed,
+so a crash never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from tqdm import tqdm
+
+from moescale.config import TrainConfig
+from moescale.replay import replay_bytes
+from moescale.train.anakin import make_trainer, seed_keys
+from moescale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+ROW_FIELDS = ("iteration", "seed", "agent_steps", "episodes", "train_return", "eval_return", "loss", "mean_q",
+              "steps_per_second", "wall_seconds")
+
+
+class RunError(Exception):
+    """A run cannot start or go on; the message is one line for the user."""
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def load_run_config(out: Path) -> TrainConfig:
+    """The resolved config a run directory was started with."""
+    return TrainConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+
+
+def prepare_run_dir(config: TrainConfig, out: Path, resume: bool, force: bool) -> TrainConfig:
+    """Validate the output directory against the request and return the config to run."""
+    has_run = (out / "config.yaml").exists()
+    if resume:
+        if not has_run or latest_checkpoint(out / "checkpoints") is None:
+            raise RunError(f"--resume {out}: no checkpoint there to resume from")
+        return load_run_config(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            what = "a run" if has_run else "other files"
+            raise RunError(f"--out {out}: holds {what} already; pass --resume to continue it or --force to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return config
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide the numbers."""
+    out = {"python": platform.python_version()}
+    for pkg in ("moescale", "jax", "jaxlib", "flax", "optax", "gymnax", "rlax", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def device_name() -> str:
+    """The device the program runs on, in words."""
+    dev = jax.devices()[0]
+    return f"{dev.platform}:{dev.device_kind} x{jax.device_count()} ({os.cpu_count()} host cores)"
+
+
+def _read_rows(path: Path, upto_iteration: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        rows = [{k: float(v) if k not in ("iteration", "seed", "agent_steps", "episodes") else int(v)
+                 for k, v in row.items()} for row in csv.DictReader(f)]
+    return [r for r in rows if r["iteration"] <= upto_iteration]
+
+
+def _write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = out / "metrics.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(out / "metrics.csv")
+    table = pa.Table.from_pylist(rows) if rows else pa.table({k: [] for k in ROW_FIELDS})
+    pq.write_table(table, out / "metrics.parquet.tmp")
+    (out / "metrics.parquet.tmp").replace(out / "metrics.parquet")
+
+
+def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = False,
+          progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a training run into `out` and return its summary."""
+    out = Path(out)
+    config = prepare_run_dir(config, out, resume, force)
+    t_start = time.perf_counter()
+    trainer = make_trainer(config)
+    states = trainer.init(seed_keys(config))
+    iteration, rows, prior_wall = 0, [], 0.0
+    ckpt_dir = out / "checkpoints"
+    if resume:
+        last = latest_checkpoint(ckpt_dir)
+        states, meta = load_checkpoint(ckpt_dir, last, states)
+        iteration, prior_wall = meta["iteration"], meta["wall_seconds"]
+        rows = _read_rows(out / "metrics.csv", iteration)
+    step = iteration * config.iteration_steps
+
+    t0 = time.perf_counter()
+    compiled = trainer.iterate.lower(states, jnp.int32(step)).compile()
+    compile_seconds = time.perf_counter() - t0
+    run_seconds, steps_run = 0.0, 0
+    bar = tqdm(total=config.iterations, initial=iteration, disable=not progress, unit="it",
+               desc=f"{config.env} {config.network.moe}")
+    while iteration < config.iterations:
+        t_iter = time.perf_counter()
+        states, metrics = compiled(states, jnp.int32(step))
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - t_iter
+        run_seconds += elapsed
+        iteration += 1
+        step += config.iteration_steps
+        steps_run += config.iteration_steps
+        if not np.all(metrics["finite"]):
+            bad = [s for s in range(config.seeds) if not metrics["finite"][s]]
+            raise RunError(f"iteration {iteration}: non-finite loss or parameters in seed(s) {bad}; "
+                           f"the last good checkpoint in {ckpt_dir} is kept")
+        sps = config.iteration_steps * config.seeds / elapsed
+        wall = prior_wall + time.perf_counter() - t_start
+        episodes_before = {r["seed"]: r["episodes"] for r in rows if r["iteration"] == iteration - 1}
+        for s in range(config.seeds):
+            rows.append({"iteration": iteration, "seed": s, "agent_steps": step,
+                         "episodes": episodes_before.get(s, 0) + int(metrics["train_episodes"][s]),
+                         "train_return": float(metrics["train_return"][s]),
+                         "eval_return": float(metrics["eval_return"][s]), "loss": float(metrics["loss"][s]),
+                         "mean_q": float(metrics["mean_q"][s]), "steps_per_second": sps, "wall_seconds": wall})
+        _write_tables(out, rows)
+        if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+            save_checkpoint(ckpt_dir, iteration, states, {"iteration": iteration, "wall_seconds": wall})
+        bar.set_postfix(steps=step, sps=f"{sps:,.0f}", eval=f"{np.mean(metrics['eval_return']):.1f}")
+        bar.update(1)
+    bar.close()
+    sps = steps_run * config.seeds / run_seconds if run_seconds else math.nan
+    summary = _summary(config, trainer, states, rows, compile_seconds, sps, prior_wall + time.perf_counter() - t_start)
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _summary(config: TrainConfig, trainer: Any, states: Any, rows: list[dict], compile_seconds: float,
+             steps_per_second: float, wall_seconds: float) -> dict[str, Any]:
+    """summary.json: what ran, what it scored, how fast, under which protocol, versions and device."""
+    last = [r for r in rows if r["iteration"] == config.iterations]
+    final = [r["eval_return"] for r in sorted(last, key=lambda r: r["seed"])]
+    example = jax.tree_util.tree_map(lambda x: x[0, 0], states.replay.data)  # one transition of seed 0
+    return {
+        "env": config.env,
+        "preset": config.preset,
+        "moe": config.network.moe,
+        "experts": config.network.num_experts,
+        "width_multiplier": config.network.width_multiplier,
+        "seeds": config.seeds,
+        "agent_steps": config.iterations * config.iteration_steps,
+        "final_eval_return": final,
+        "mean_final_eval_return": float(np.mean(final)) if final else math.nan,
+        "wall_seconds": wall_seconds,
+        "compile_seconds": compile_seconds,
+        "agent_steps_per_second": steps_per_second,  # all seeds, this process, compilation excluded
+        "params": trainer.network.info.params,
+        "forward_flops": trainer.network.info.forward_flops,
+        "replay_bytes_per_seed": replay_bytes(config.agent.replay_capacity, example),
+        "protocol": trainer.env.protocol(),
+        "versions": versions(),
+        "device": device_name(),
+    }

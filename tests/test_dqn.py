@@ -1,0 +1,92 @@
+"""DQN pieces: TD losses on hand cases, the epsilon schedule, and learning on a fixed batch."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moescale.agents import epsilon_schedule, make_dqn, td_loss
+from moescale.config import AgentConfig, NetworkConfig
+from moescale.networks import build_network
+from moescale.replay import Transition
+
+Q_TM1 = jnp.array([1.0, 2.0])
+Q_T = jnp.array([3.0, 4.0])
+
+
+class TestTdLoss:
+    @pytest.mark.parametrize("jit", [False, True])
+    def test_q_learning_mse(self, jit):
+        # target = r + discount * max_a q_t = 1 + 0.9 * 4 = 4.6; td = 4.6 - q_tm1[1] = 2.6; 0.5 * 2.6^2 = 3.38
+        f = jax.jit(td_loss, static_argnums=(6, 7)) if jit else td_loss
+        assert float(f(Q_TM1, jnp.int32(1), 1.0 * jnp.ones(()), 0.9 * jnp.ones(()), Q_T, Q_T, False, "mse")) == \
+            pytest.approx(3.38, rel=1e-6)
+
+    def test_huber(self):
+        # |td| = 2.6 > delta = 1: huber = |td| - 0.5 = 2.1
+        loss = td_loss(Q_TM1, jnp.int32(1), jnp.float32(1.0), jnp.float32(0.9), Q_T, Q_T, False, "huber")
+        assert float(loss) == pytest.approx(2.1, rel=1e-6)
+
+    def test_terminal_does_not_bootstrap(self):
+        # discount 0: target = r = 1; td = 1 - 2 = -1; 0.5 * 1 = 0.5
+        loss = td_loss(Q_TM1, jnp.int32(1), jnp.float32(1.0), jnp.float32(0.0), Q_T, Q_T, False, "mse")
+        assert float(loss) == pytest.approx(0.5)
+
+    def test_double_q_uses_selector_argmax(self):
+        # selector prefers action 0 -> value q_t[0] = 3; target = 1 + 0.9 * 3 = 3.7; td = 1.7; 0.5 * 1.7^2 = 1.445
+        loss = td_loss(Q_TM1, jnp.int32(1), jnp.float32(1.0), jnp.float32(0.9), Q_T, jnp.array([5.0, 0.0]),
+                       True, "mse")
+        assert float(loss) == pytest.approx(1.445, rel=1e-6)
+
+    def test_double_q_equals_q_when_selector_is_target(self):
+        rng = np.random.default_rng(0)
+        for _ in range(5):
+            q_tm1, q_t = jnp.asarray(rng.normal(size=4)), jnp.asarray(rng.normal(size=4))
+            args = (q_tm1, jnp.int32(2), jnp.float32(0.3), jnp.float32(0.99), q_t, q_t)
+            assert float(td_loss(*args, True, "mse")) == pytest.approx(float(td_loss(*args, False, "mse")))
+
+    def test_rejects_batches(self):
+        with pytest.raises(AssertionError, match="one transition"):
+            td_loss(Q_TM1[None], jnp.int32(1), jnp.float32(1.0), jnp.float32(0.9), Q_T, Q_T, False, "mse")
+
+
+class TestEpsilonSchedule:
+    def test_linear_after_warmup(self):
+        cfg = AgentConfig(min_replay=100, eps_decay_steps=1000, eps_start=1.0, eps_end=0.01)
+        eps = [float(epsilon_schedule(jnp.float32(s), cfg)) for s in (0, 100, 600, 1100, 5000)]
+        # before and at min_replay: 1.0; halfway (500 of 1000 decay steps): 1 - 0.5 * 0.99 = 0.505; then 0.01
+        np.testing.assert_allclose(eps, [1.0, 1.0, 0.505, 0.01, 0.01], rtol=1e-6)
+
+
+class TestUpdate:
+    def test_loss_falls_on_a_fixed_batch_and_seeds_differ(self):
+        net = build_network(NetworkConfig(encoder="mlp", encoder_widths=(32,), moe="softmoe", num_experts=2,
+                                          hidden=16), (4,), 3)
+        agent = make_dqn(net, AgentConfig(learning_rate=1e-2, adam_eps=1e-8, batch_size=16))
+        rng = np.random.default_rng(0)
+        batch = Transition(jnp.asarray(rng.normal(size=(16, 4)), jnp.float32),
+                           jnp.asarray(rng.integers(0, 3, 16), jnp.int32),
+                           jnp.asarray(rng.normal(size=16), jnp.float32), jnp.asarray(rng.random(16) < 0.2),
+                           jnp.asarray(rng.normal(size=(16, 4)), jnp.float32))
+        state = agent.init(jax.random.key(0))
+        update = jax.jit(agent.update)
+        losses = []
+        for _ in range(30):
+            state, m = update(state, batch)
+            losses.append(float(m["loss"]))
+        assert losses[-1] < 0.5 * losses[0]
+        assert int(state.updates) == 30
+        # target params untouched until synced
+        leaves = jax.tree_util.tree_leaves
+        assert any(not np.array_equal(a, b) for a, b in zip(leaves(state.params), leaves(state.target_params),
+                                                                strict=True))
+        synced = agent.sync_target(state)
+        assert all(np.array_equal(a, b) for a, b in zip(leaves(synced.params), leaves(synced.target_params),
+                                                            strict=True))
+        # two seeds: different parameters and different greedy actions somewhere
+        other = agent.init(jax.random.key(1))
+        obs = jnp.asarray(rng.normal(size=(64, 4)), jnp.float32)
+        acts = [agent.act(s.params, obs, jax.random.key(2), jnp.float32(0.0)) for s in (state, other)]
+        assert not np.array_equal(acts[0], acts[1])

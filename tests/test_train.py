@@ -1,0 +1,94 @@
+"""The compiled trainer end to end: it learns CartPole, writes its run directory, resumes exactly, and is
+deterministic."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from moescale.config import TrainConfig
+from moescale.presets import apply_overrides, get_preset
+from moescale.train.run import RunError, load_run_config, train
+
+TIMING_COLUMNS = ("steps_per_second", "wall_seconds")
+
+
+def short_cartpole(**extra: str) -> TrainConfig:
+    sets = ["steps=20000", "iteration_steps=10000", "checkpoint_every=1", "eval_episodes=4",
+            "agent.min_replay=2000"] + [f"{k}={v}" for k, v in extra.items()]
+    return apply_overrides(get_preset("classic-dqn"), sets)
+
+
+def metrics(run_dir) -> list[dict]:
+    import csv
+
+    with (run_dir / "metrics.csv").open() as f:
+        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in csv.DictReader(f)]
+
+
+class TestLearns:
+    def test_dqn_solves_cartpole_within_two_minutes(self, tmp_path):
+        # classic-dqn: 500k agent steps per seed, 2 seeds in one program.
+        config = apply_overrides(get_preset("classic-dqn"), ["seeds=2"])
+        t0 = time.perf_counter()
+        summary = train(config, tmp_path / "run", progress=False)
+        wall = time.perf_counter() - t0
+        assert wall < 120, f"took {wall:.0f} s"
+        assert min(summary["final_eval_return"]) >= 475, summary["final_eval_return"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A short 2-seed CartPole run shared by the run-directory tests."""
+    out = tmp_path_factory.mktemp("runs") / "a"
+    summary = train(short_cartpole(seeds=2), out, progress=False)
+    return out, summary
+
+
+class TestRunDirectory:
+    def test_outputs(self, finished):
+        out, summary = finished
+        for key in ("env", "preset", "moe", "experts", "seeds", "agent_steps", "final_eval_return",
+                    "mean_final_eval_return", "wall_seconds", "compile_seconds", "agent_steps_per_second", "params",
+                    "replay_bytes_per_seed", "protocol", "versions", "device"):
+            assert key in summary
+        assert json.loads((out / "summary.json").read_text()) == summary
+        assert summary["agent_steps"] == 20000 and len(summary["final_eval_return"]) == 2
+        assert summary["mean_final_eval_return"] == pytest.approx(np.mean(summary["final_eval_return"]))
+        # replay: 10k transitions of obs (4,) + next_obs (4,) float32, action int32, reward float32,
+        # terminated bool, plus two int32 counters
+        assert summary["replay_bytes_per_seed"] == 10_000 * (16 + 16 + 4 + 4 + 1) + 8
+        assert load_run_config(out) == short_cartpole(seeds=2)
+        rows = metrics(out)
+        assert [(int(r["iteration"]), int(r["seed"])) for r in rows] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+        table = pq.read_table(out / "metrics.parquet").to_pylist()
+        assert [t["eval_return"] for t in table] == [float(r["eval_return"]) for r in rows]
+
+    def test_resume_after_losing_the_last_checkpoint_gives_the_same_run(self, finished, tmp_path):
+        out, summary = finished
+        copy = tmp_path / "b"
+        shutil.copytree(out, copy)
+        shutil.rmtree(copy / "checkpoints" / "ckpt_00000002")  # as if killed before the last checkpoint
+        (copy / "summary.json").unlink()
+        resumed = train(TrainConfig(), copy, resume=True, progress=False)  # the config comes from the run dir
+        assert resumed["final_eval_return"] == summary["final_eval_return"]
+        assert metrics(copy) == metrics(out)
+
+    def test_same_config_and_seed_give_identical_metrics(self, finished, tmp_path):
+        out, _ = finished
+        train(short_cartpole(seeds=2), tmp_path / "again", progress=False)
+        assert metrics(tmp_path / "again") == metrics(out)
+
+    def test_existing_run_is_not_overwritten(self, finished):
+        out, _ = finished
+        before = (out / "metrics.csv").read_text()
+        with pytest.raises(RunError, match="--resume .* or --force"):
+            train(short_cartpole(seeds=2), out, progress=False)
+        assert (out / "metrics.csv").read_text() == before
+        assert yaml.safe_load((out / "config.yaml").read_text())["seeds"] == 2
