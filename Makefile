@@ -13,13 +13,13 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) benchmarks/layer_step.py --repeats 10
+	$(PY) -m moescale.demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP)  # layer step times into BENCHMARKS.md
 	$(PY) benchmarks/layer_step.py --repeats 50 --write BENCHMARKS.md
 
 # Regenerate exact pins after changing dependencies in pyproject.toml.

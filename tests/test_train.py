@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -92,3 +95,26 @@ class TestRunDirectory:
             train(short_cartpole(seeds=2), out, progress=False)
         assert (out / "metrics.csv").read_text() == before
         assert yaml.safe_load((out / "config.yaml").read_text())["seeds"] == 2
+
+
+class TestKilled:
+    def test_kill_9_then_resume_matches_uninterrupted(self, tmp_path):
+        sets = ["steps=60000", "iteration_steps=10000", "checkpoint_every=1", "eval_episodes=4",
+                "agent.min_replay=2000"]
+        argv = [sys.executable, "-m", "moescale.cli", "train", "--preset", "classic-dqn", "--no-progress",
+                "--out", str(tmp_path / "killed")] + [a for s in sets for a in ("--set", s)]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        first = tmp_path / "killed" / "checkpoints" / "ckpt_00000001"
+        deadline = time.monotonic() + 120
+        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (tmp_path / "killed" / "summary.json").exists(), "the run finished before it could be killed"
+        resumed = subprocess.run([sys.executable, "-m", "moescale.cli", "train", "--resume",
+                                  str(tmp_path / "killed"), "--no-progress"], capture_output=True, text=True)
+        assert resumed.returncode == 0, resumed.stderr
+        reference = train(apply_overrides(get_preset("classic-dqn"), sets), tmp_path / "reference", progress=False)
+        killed = json.loads((tmp_path / "killed" / "summary.json").read_text())
+        assert killed["final_eval_return"] == reference["final_eval_return"]
+        assert metrics(tmp_path / "killed") == metrics(tmp_path / "reference")

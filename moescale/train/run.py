@@ -153,7 +153,7 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
         _write_tables(out, rows)
         if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
             save_checkpoint(ckpt_dir, iteration, states, {"iteration": iteration, "wall_seconds": wall})
-        bar.set_postfix(steps=step, sps=f"{sps:,.0f}", eval=f"{np.mean(metrics['eval_return']):.1f}")
+        bar.set_postfix(steps=f"{step:,}", sps=f"{sps:,.0f}", eval=f"{np.mean(metrics['eval_return']):.1f}")
         bar.update(1)
     bar.close()
     sps = steps_run * config.seeds / run_seconds if run_seconds else math.nan
