@@ -26,8 +26,6 @@ from moescale.envs import EnvState, JaxEnv, make_env
 from moescale.networks import Network, build_network
 from moescale.replay import ReplayState, Transition, replay_add, replay_init, replay_sample
 
-METRIC_KEYS = ("loss", "mean_q", "train_return", "train_episodes", "eval_return", "finite")
-
 
 @flax.struct.dataclass
 class SeedState:
@@ -61,11 +59,6 @@ class Trainer:
     agent: Agent
     init: Callable[[jax.Array], SeedState]
     iterate: Callable[[SeedState, jax.Array], tuple[SeedState, dict[str, jax.Array]]]
-
-    @property
-    def steps_per_iteration(self) -> int:
-        """Agent steps each seed takes per call of iterate."""
-        return self.config.iteration_steps
 
 
 def make_trainer(config: TrainConfig) -> Trainer:
@@ -144,8 +137,7 @@ def make_trainer(config: TrainConfig) -> Trainer:
         (seeds, stats, _), _ = jax.lax.scan(one_round, (seeds, zeros, step), None, length=rounds)
         keys = jax.vmap(lambda k: jax.random.split(k))(seeds.key)  # (S, 2)
         eval_return = jax.vmap(evaluate)(seeds.agent.params, keys[:, 1])
-        finite = jax.vmap(lambda p: jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
-                                                       for x in jax.tree_util.tree_leaves(p)])))(seeds.agent.params)
+        finite = jax.vmap(_all_finite)(seeds.agent.params)  # (S,)
         per_update = jnp.maximum(stats.updates, 1)
         metrics = {
             "loss": jnp.where(stats.updates > 0, stats.loss / per_update, jnp.nan),
@@ -160,6 +152,10 @@ def make_trainer(config: TrainConfig) -> Trainer:
 
     return Trainer(config, env, network, agent, jax.vmap(init_seed),
                    jax.jit(iterate, donate_argnums=0))
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
 def seed_keys(config: TrainConfig) -> jax.Array:
