@@ -118,3 +118,14 @@ class TestKilled:
         killed = json.loads((tmp_path / "killed" / "summary.json").read_text())
         assert killed["final_eval_return"] == reference["final_eval_return"]
         assert metrics(tmp_path / "killed") == metrics(tmp_path / "reference")
+
+
+class TestGuards:
+    def test_non_finite_stops_with_the_iteration_and_keeps_the_last_good_checkpoint(self, tmp_path):
+        # Adam moves each weight by ~lr per update. With min_replay 10k, iteration 1 (10k steps) ends with a
+        # single update (weights ~1e30, still finite); iteration 2's forward passes overflow float32.
+        config = short_cartpole(**{"agent.learning_rate": "1e30", "agent.min_replay": "10000"})
+        with pytest.raises(RunError, match="iteration 2: non-finite"):
+            train(config, tmp_path / "run", progress=False)
+        assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["ckpt_00000001"]
+        assert not (tmp_path / "run" / "summary.json").exists()
