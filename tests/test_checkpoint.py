@@ -103,6 +103,15 @@ class TestRoundTrip:
         assert_trees_equal(got, make_state(1))
         assert meta == {"v": 1} and steps_on_disk(tmp_path) == ["ckpt_00000004"]
 
+    def test_relative_run_dir(self, tmp_path, monkeypatch):
+        # Run directories are often relative (runs/x); orbax itself only takes absolute paths.
+        monkeypatch.chdir(tmp_path)
+        path = save_checkpoint(Path("runs/x"), 2, make_state(), {"v": 2})
+        assert path == Path("runs/x/ckpt_00000002").absolute() and latest_checkpoint(Path("runs/x")) == 2
+        got, meta = load_checkpoint(Path("runs/x"), 2, make_state(seed=1))
+        assert_trees_equal(got, make_state())
+        assert meta == {"v": 2}
+
     def test_empty_state(self, tmp_path):
         save_checkpoint(tmp_path, 0, {}, {"only": "meta"})
         assert load_checkpoint(tmp_path, 0, {}) == ({}, {"only": "meta"})

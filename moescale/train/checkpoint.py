@@ -175,7 +175,7 @@ def save_checkpoint(run_dir: Path, step: int, state: Any, meta: dict, keep: int 
     """Write `state` (a pytree of arrays) and `meta` as run_dir/ckpt_{step:08d}, atomically; keep the newest
     `keep` complete checkpoints. Saving a step that exists replaces it; a step older than the newest
     checkpoint is refused (that run_dir belongs to a later point of training)."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).absolute()  # orbax refuses relative paths
     checks.int_at_least("step", step, 0)
     checks.positive_int("keep", keep)
     meta_text = _meta_json(meta)
@@ -229,7 +229,7 @@ def load_checkpoint(run_dir: Path, step: int, like: Any) -> tuple[Any, dict]:
     are placed with like's shardings where it has them, else on the first local device. A structure, shape
     or dtype that differs from what was saved raises ValueError.
     """
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).absolute()  # orbax refuses relative paths
     checks.int_at_least("step", step, 0)
     path = _ckpt_path(run_dir, step)
     if not (path / MARKER).is_file():
