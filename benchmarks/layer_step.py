@@ -118,12 +118,13 @@ def machine() -> str:
             f"jax {jax.__version__}, python {platform.python_version()}")
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the layer_step section of a markdown file, keeping the rest."""
+def write_section(path: Path, text: str, name: str = "layer_step") -> None:
+    """Replace (or append) the named section of a markdown file, keeping the rest."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
-    if MARK_BEGIN in old and MARK_END in old:
-        start, end = old.index(MARK_BEGIN), old.index(MARK_END) + len(MARK_END)
+    begin, end_mark = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{text}\n{end_mark}"
+    if begin in old and end_mark in old:
+        start, end = old.index(begin), old.index(end_mark) + len(end_mark)
         new = old[:start] + block + old[end:]
     else:
         new = old.rstrip("\n") + "\n\n" + block + "\n"
