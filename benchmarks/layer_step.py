@@ -34,8 +34,6 @@ GAMMA = 0.99
 ENCODERS = {"minatar": (10, 10, 4), "impala": (84, 84, 4)}
 LAYERS = ("dense", "softmoe", "topk", "expert_choice")
 EXPERTS = (1, 2, 4, 8)
-MARK_BEGIN = "<!-- layer_step:begin -->"
-MARK_END = "<!-- layer_step:end -->"
 
 
 def make_config(encoder: str, layer: str, n: int) -> NetworkConfig:

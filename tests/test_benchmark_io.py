@@ -20,7 +20,7 @@ class TestWriteSection:
         layer_step.write_section(path, "second table")
         text = path.read_text()
         assert "first table" not in text
-        assert text.count(layer_step.MARK_BEGIN) == 1
+        assert text.count("<!-- layer_step:begin -->") == 1 and text.count("<!-- layer_step:end -->") == 1
         assert text.startswith("# Benchmarks\n\nintro\n")
         assert text.index("second table") < text.index("notes after")
 

@@ -48,8 +48,8 @@ class Agent(NamedTuple):
 def td_loss(q_tm1: jax.Array, a_tm1: jax.Array, r_t: jax.Array, discount_t: jax.Array, q_t_value: jax.Array,
             q_t_selector: jax.Array, double_q: bool, loss: str) -> jax.Array:
     """Loss of one transition: q_tm1 (A,), a_tm1 (), r_t (), discount_t (), q_t_value/selector (A,) -> ()."""
-    chex_shapes = (q_tm1.ndim, q_t_value.ndim, q_t_selector.ndim, a_tm1.ndim, r_t.ndim, discount_t.ndim)
-    assert chex_shapes == (1, 1, 1, 0, 0, 0), f"td_loss takes one transition, got ranks {chex_shapes}"
+    ranks = (q_tm1.ndim, q_t_value.ndim, q_t_selector.ndim, a_tm1.ndim, r_t.ndim, discount_t.ndim)
+    assert ranks == (1, 1, 1, 0, 0, 0), f"td_loss takes one transition, got ranks {ranks}"
     if double_q:
         td = rlax.double_q_learning(q_tm1, a_tm1, r_t, discount_t, q_t_value, q_t_selector)
     else:

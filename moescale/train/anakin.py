@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -47,6 +47,25 @@ class RoundStats:
     updates: jax.Array
     return_sum: jax.Array
     episodes: jax.Array
+
+
+class RoundCarry(NamedTuple):
+    """What the scan over rounds carries: all seeds' states (S,), their stats (S,), the shared step."""
+
+    seeds: SeedState
+    stats: RoundStats
+    step: jax.Array
+
+
+class EvalCarry(NamedTuple):
+    """What the evaluation loop carries, for the eval_episodes environments (N,)."""
+
+    obs: jax.Array
+    env_state: EnvState
+    returns: jax.Array
+    done: jax.Array
+    key: jax.Array
+    t: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +118,7 @@ def make_trainer(config: TrainConfig) -> Trainer:
                                   updates=stats.updates + 1)
         return seed.replace(agent=agent_state, key=key), stats
 
-    def one_round(carry: tuple[SeedState, RoundStats, jax.Array], _: None) -> tuple[Any, None]:
+    def one_round(carry: RoundCarry, _: None) -> tuple[RoundCarry, None]:
         seeds, stats, step = carry
         for k in range(act_steps):  # static: update_period / E acting steps
             epsilon = epsilon_schedule(step + k * num_envs, acfg)
@@ -109,7 +128,7 @@ def make_trainer(config: TrainConfig) -> Trainer:
                                     seeds, stats)
         crossed = new_step // acfg.target_update_period > step // acfg.target_update_period
         agents = jax.lax.cond(crossed, jax.vmap(agent.sync_target), lambda a: a, seeds.agent)
-        return (seeds.replace(agent=agents), stats, new_step), None
+        return RoundCarry(seeds.replace(agent=agents), stats, new_step), None
 
     def evaluate(params: Any, key: jax.Array) -> jax.Array:
         """Mean return of eval_episodes episodes at eps_eval, each capped at eval_max_steps."""
@@ -117,24 +136,23 @@ def make_trainer(config: TrainConfig) -> Trainer:
         key_reset, key_loop = jax.random.split(key)
         obs, env_state = jax.vmap(env.reset)(jax.random.split(key_reset, n))
 
-        def cond(c: tuple) -> jax.Array:
-            return jnp.any(~c[3]) & (c[5] < config.eval_max_steps)
+        def cond(c: EvalCarry) -> jax.Array:
+            return jnp.any(~c.done) & (c.t < config.eval_max_steps)
 
-        def body(c: tuple) -> tuple:
-            obs, env_state, returns, done, key, t = c
-            key, key_act, key_env = jax.random.split(key, 3)
-            action = agent.act(params, obs, key_act, jnp.float32(acfg.eps_eval))
-            env_state, ts = jax.vmap(env.step)(jax.random.split(key_env, n), env_state, action)
-            returns = returns + jnp.where(done, 0.0, ts.reward)
-            return ts.obs, env_state, returns, done | ts.terminated | ts.truncated, key, t + 1
+        def body(c: EvalCarry) -> EvalCarry:
+            key, key_act, key_env = jax.random.split(c.key, 3)
+            action = agent.act(params, c.obs, key_act, jnp.float32(acfg.eps_eval))
+            env_state, ts = jax.vmap(env.step)(jax.random.split(key_env, n), c.env_state, action)
+            returns = c.returns + jnp.where(c.done, 0.0, ts.reward)  # (N,) only the first episode counts
+            return EvalCarry(ts.obs, env_state, returns, c.done | ts.terminated | ts.truncated, key, c.t + 1)
 
-        init = (obs, env_state, jnp.zeros(n), jnp.zeros(n, jnp.bool_), key_loop, jnp.int32(0))
-        return jnp.mean(jax.lax.while_loop(cond, body, init)[2])
+        init = EvalCarry(obs, env_state, jnp.zeros(n), jnp.zeros(n, jnp.bool_), key_loop, jnp.int32(0))
+        return jnp.mean(jax.lax.while_loop(cond, body, init).returns)
 
     def iterate(seeds: SeedState, step: jax.Array) -> tuple[SeedState, dict[str, jax.Array]]:
         num_seeds = seeds.obs.shape[0]
         zeros = RoundStats(*(jnp.zeros(num_seeds) for _ in range(5)))
-        (seeds, stats, _), _ = jax.lax.scan(one_round, (seeds, zeros, step), None, length=rounds)
+        (seeds, stats, _), _ = jax.lax.scan(one_round, RoundCarry(seeds, zeros, step), None, length=rounds)
         keys = jax.vmap(lambda k: jax.random.split(k))(seeds.key)  # (S, 2)
         eval_return = jax.vmap(evaluate)(seeds.agent.params, keys[:, 1])
         finite = jax.vmap(_all_finite)(seeds.agent.params)  # (S,)

@@ -121,6 +121,7 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
         iteration, prior_wall = meta["iteration"], meta["wall_seconds"]
         rows = _read_rows(out / "metrics.csv", iteration)
     step = iteration * config.iteration_steps
+    episodes = {r["seed"]: r["episodes"] for r in rows if r["iteration"] == iteration}  # cumulative, per seed
 
     t0 = time.perf_counter()
     compiled = trainer.iterate.lower(states, jnp.int32(step)).compile()
@@ -143,10 +144,9 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
                            f"the last good checkpoint in {ckpt_dir} is kept")
         sps = config.iteration_steps * config.seeds / elapsed
         wall = prior_wall + time.perf_counter() - t_start
-        episodes_before = {r["seed"]: r["episodes"] for r in rows if r["iteration"] == iteration - 1}
         for s in range(config.seeds):
-            rows.append({"iteration": iteration, "seed": s, "agent_steps": step,
-                         "episodes": episodes_before.get(s, 0) + int(metrics["train_episodes"][s]),
+            episodes[s] = episodes.get(s, 0) + int(metrics["train_episodes"][s])
+            rows.append({"iteration": iteration, "seed": s, "agent_steps": step, "episodes": episodes[s],
                          "train_return": float(metrics["train_return"][s]),
                          "eval_return": float(metrics["eval_return"][s]), "loss": float(metrics["loss"][s]),
                          "mean_q": float(metrics["mean_q"][s]), "steps_per_second": sps, "wall_seconds": wall})
