@@ -28,6 +28,7 @@ def make_state(seed: int = 0) -> dict:
         reward=jnp.float32(0),
         terminated=jnp.bool_(False),
         next_obs=jnp.zeros((2, 2), jnp.bool_),
+        truncated=jnp.bool_(False),
     )
     batch = Transition(
         obs=jnp.asarray(rng.random((3, 2, 2)) > 0.5),
@@ -35,6 +36,7 @@ def make_state(seed: int = 0) -> dict:
         reward=jnp.asarray(rng.normal(size=3), jnp.float32),
         terminated=jnp.asarray([True, False, True]),
         next_obs=jnp.asarray(rng.random((3, 2, 2)) > 0.5),
+        truncated=jnp.asarray([False, True, False]),
     )
     return {
         "params": {

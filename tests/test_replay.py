@@ -21,12 +21,14 @@ OBS = (3, 2)  # small observation shape for the behaviour tests
 def example(obs_shape=OBS, obs_dtype=jnp.float32) -> Transition:
     """One transition (no leading axis) with the given observation shape and dtype."""
     obs = jnp.zeros(obs_shape, obs_dtype)
-    return Transition(obs=obs, action=jnp.int32(0), reward=jnp.float32(0.0), terminated=jnp.bool_(False), next_obs=obs)
+    return Transition(obs=obs, action=jnp.int32(0), reward=jnp.float32(0.0), terminated=jnp.bool_(False), next_obs=obs,
+                      truncated=jnp.bool_(False))
 
 
 def numbered(values, obs_shape=OBS) -> Transition:
     """A batch (E, ...) whose every field encodes its value v: obs = v, action = v, reward = v + 0.5,
-    terminated = v odd, next_obs = -v; so a sampled row can be traced back to the add that wrote it."""
+    terminated = v odd, next_obs = -v, truncated = v % 3 == 0; so a sampled row can be traced back to the add
+    that wrote it."""
     v = np.asarray(values, np.int32)  # (E,)
     obs = np.broadcast_to(v[:, None, None], (len(v), *obs_shape)).astype(np.float32)  # (E, ...)
     return Transition(
@@ -35,6 +37,7 @@ def numbered(values, obs_shape=OBS) -> Transition:
         reward=jnp.asarray(v + 0.5, jnp.float32),
         terminated=jnp.asarray(v % 2 == 1),
         next_obs=jnp.asarray(-obs),
+        truncated=jnp.asarray(v % 3 == 0),
     )
 
 
@@ -268,9 +271,10 @@ class TestReplaySample:
 class TestReplayBytes:
     def test_minatar_sized_buffer(self):
         # N=100, obs (10, 10, 4) bool = 400 B, stored twice (obs, next_obs): 100 * 400 * 2 = 80_000 B;
-        # action int32 4 B + reward float32 4 B + terminated bool 1 B = 9 B a row: 900 B; counters 2 * 4 = 8 B.
+        # action int32 4 B + reward float32 4 B + terminated and truncated bool 1 B each = 10 B a row: 1000 B;
+        # counters 2 * 4 = 8 B.
         ex = example((10, 10, 4), jnp.bool_)
-        assert replay_bytes(100, ex) == 80_000 + 900 + 8 == 80_908
+        assert replay_bytes(100, ex) == 80_000 + 1000 + 8 == 81_008
 
     def test_matches_allocated_arrays(self):
         ex = example((5,), jnp.float32)

@@ -1,5 +1,19 @@
 """Device replay buffers for compiled training loops (jit- and vmap-safe pure functions on pytrees)."""
 
+from moescale.replay.prioritized import (
+    PrioritizedReplayState,
+    SumTreeState,
+    per_add,
+    per_init,
+    per_sample,
+    per_update,
+    sumtree_find,
+    sumtree_get,
+    sumtree_init,
+    sumtree_sample,
+    sumtree_set,
+    sumtree_total,
+)
 from moescale.replay.uniform import (
     ReplayState,
     Transition,
@@ -9,4 +23,23 @@ from moescale.replay.uniform import (
     replay_sample,
 )
 
-__all__ = ["ReplayState", "Transition", "replay_add", "replay_bytes", "replay_init", "replay_sample"]
+__all__ = [
+    "PrioritizedReplayState",
+    "ReplayState",
+    "SumTreeState",
+    "Transition",
+    "per_add",
+    "per_init",
+    "per_sample",
+    "per_update",
+    "replay_add",
+    "replay_bytes",
+    "replay_init",
+    "replay_sample",
+    "sumtree_find",
+    "sumtree_get",
+    "sumtree_init",
+    "sumtree_sample",
+    "sumtree_set",
+    "sumtree_total",
+]

@@ -26,7 +26,8 @@ class Transition:
     """One transition (fields shaped `...`), or a batch of them with leading axes (E, ... or B, ...).
 
     Truncation is not termination: on truncation the caller stores the true final observation as next_obs
-    with terminated=False, so the target still bootstraps from it.
+    with terminated=False, so the target still bootstraps from it; truncated=True marks that the episode
+    ended there all the same, so n-step returns stop at it (moescale.replay.nstep).
     """
 
     obs: jax.Array  # (...) compact dtype: bool/uint8 for MinAtar, float32 for vector observations
@@ -34,6 +35,7 @@ class Transition:
     reward: jax.Array  # () float32
     terminated: jax.Array  # () bool: True when the episode ended in a terminal state (no bootstrap)
     next_obs: jax.Array  # (...) same shape and dtype as obs
+    truncated: jax.Array  # () bool: True when the episode was cut off here (time limit); bootstraps
 
 
 @flax.struct.dataclass
