@@ -1,9 +1,12 @@
-"""Agent steps per second of the compiled trainer: minatar-dqn on Breakout-MinAtar, dense vs Soft MoE-4,
-1 and 8 seeds in one program.
+"""Agent steps per second of the compiled trainer next to the host-loop reference: minatar-dqn on
+Breakout-MinAtar, dense vs Soft MoE-4, 1 and 8 seeds in one program, both seed layouts.
 
-Each configuration is compiled, run past min_replay (so every timed round learns), then timed over
+Each compiled configuration is compiled, run past min_replay (so every timed round learns), then timed over
 --repeats iterations of --iteration-steps agent steps per seed; the table gives the median rate over all
-seeds together, compilation excluded.
+seeds together, compilation excluded. The host loop (benchmarks/host_loop.py: numpy MinAtar, jitted act and
+update, one seed) is timed over the same number of learning steps. "update-bound ceiling" is what any loop
+could reach if acting, stepping and storing were free: update_period / (time of one jitted update, batch 32),
+for all seeds together, since S seeds need S times the updates.
 
     python benchmarks/throughput.py --repeats 3 --write BENCHMARKS.md
 """
@@ -21,19 +24,22 @@ import jax
 import jax.numpy as jnp
 
 from moescale.presets import apply_overrides, get_preset
+from moescale.replay import replay_init
+from moescale.replay.nstep import nstep_batch
 from moescale.train.anakin import make_trainer, seed_keys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from host_loop import host_loop_sps  # noqa: E402
 from layer_step import machine, write_section  # noqa: E402
 
 ARCHS = {"dense": ["network.moe=dense"], "softmoe-4": ["network.moe=softmoe", "network.num_experts=4"]}
-SEEDS = (1, 8)
+RUNS = ((1, "auto"), (8, "vmap"), (8, "unroll"))  # (seeds, seed_layout)
 
 
-def measure(arch: str, seeds: int, iteration_steps: int, repeats: int) -> dict:
-    """Compile time and median agent steps/s (all seeds) of one configuration."""
-    sets = ARCHS[arch] + [f"seeds={seeds}", f"iteration_steps={iteration_steps}", "eval_episodes=1",
-                          "eval_max_steps=1", f"steps={iteration_steps * (repeats + 1)}"]
+def compiled_sps(arch: str, seeds: int, layout: str, iteration_steps: int, repeats: int) -> dict:
+    """Compile time and median agent steps/s (all seeds) of one compiled configuration."""
+    sets = ARCHS[arch] + [f"seeds={seeds}", f"seed_layout={layout}", f"iteration_steps={iteration_steps}",
+                          "eval_episodes=1", "eval_max_steps=1", f"steps={iteration_steps * (repeats + 1)}"]
     config = apply_overrides(get_preset("minatar-dqn"), sets)
     trainer = make_trainer(config)
     states = trainer.init(seed_keys(config))
@@ -52,8 +58,27 @@ def measure(arch: str, seeds: int, iteration_steps: int, repeats: int) -> dict:
         jax.block_until_ready(metrics)
         rates.append(iteration_steps * seeds / (time.perf_counter() - t0))
         step += iteration_steps
-    return {"arch": arch, "seeds": seeds, "sps": statistics.median(rates), "compile_s": compile_s,
-            "params": trainer.network.info.params["total"]}
+    return {"loop": f"compiled, {trainer.layout.name}", "arch": arch, "seeds": seeds,
+            "sps": statistics.median(rates), "compile_s": compile_s}
+
+
+def update_ms(arch: str, repeats: int = 50) -> float:
+    """Median time of one jitted DQN update (batch 32) of the arch, in ms."""
+    trainer = make_trainer(apply_overrides(get_preset("minatar-dqn"), ARCHS[arch]))
+    state = trainer.agent.init(jax.random.key(0))
+    idx = jnp.arange(trainer.config.agent.batch_size) % 10
+    batch = nstep_batch(replay_init(10, trainer.example), idx, 1, trainer.config.agent.gamma)
+    update = jax.jit(trainer.agent.update)
+    key = jax.random.key(2)
+    state, _ = update(state, batch, key)
+    times = []
+    for _ in range(repeats):
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        state, _ = update(state, batch, key)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,17 +89,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.iteration_steps < 4 or args.iteration_steps % 4:
         parser.error("--repeats must be >= 1 and --iteration-steps a positive multiple of 4")
-    rows = [measure(a, s, args.iteration_steps, args.repeats) for a in ARCHS for s in SEEDS]
-    lines = ["| layer | seeds | params | agent steps/s (all seeds, median) | per seed | compile s |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['arch']} | {r['seeds']} | {r['params']:,} | {r['sps']:,.0f} | "
-                     f"{r['sps'] / r['seeds']:,.0f} | {r['compile_s']:.1f} |")
+    lines = ["| layer | loop | seeds | agent steps/s (all seeds, median) | vs host loop | update-bound ceiling "
+             "| compile s |", "|---|---|---|---|---|---|---|"]
+    for arch in ARCHS:
+        config = apply_overrides(get_preset("minatar-dqn"), ARCHS[arch])
+        host = host_loop_sps(config, args.iteration_steps * args.repeats)
+        ceiling = config.agent.update_period / (update_ms(arch) / 1e3)
+        rows = [{"loop": "host loop (reference)", "arch": arch, "seeds": 1, "sps": host, "compile_s": None}]
+        rows += [compiled_sps(arch, s, layout, args.iteration_steps, args.repeats) for s, layout in RUNS]
+        for r in rows:
+            compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
+            lines.append(f"| {arch} | {r['loop']} | {r['seeds']} | {r['sps']:,.0f} | {r['sps'] / host:.2f}x | "
+                         f"{ceiling:,.0f} | {compile_s} |")
+            print(lines[-1], flush=True)
     cmd = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = (f"## Compiled trainer throughput (minatar-dqn, Breakout-MinAtar, 1 env per seed)\n\n"
+    text = (f"## Compiled trainer throughput vs a host loop (minatar-dqn, Breakout-MinAtar, 1 env per seed)\n\n"
             f"Command: `{cmd.strip()}`  \nMachine: {machine()}  \nDate: {datetime.date.today().isoformat()}, "
-            f"median of {args.repeats} timed iterations of {args.iteration_steps} agent steps per seed, after "
-            f"min_replay.\n\n" + "\n".join(lines) + "\n")
+            f"median of {args.repeats} timed iterations of {args.iteration_steps} agent steps per seed after "
+            f"min_replay (host loop: {args.iteration_steps * args.repeats} steps after min_replay).\n\n"
+            + "\n".join(lines) + "\n")
     print(text)
     if args.write:
         write_section(args.write, text, "throughput")

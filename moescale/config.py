@@ -135,6 +135,9 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
 LOSSES = ("mse", "huber")
 
 
+AUGMENTATIONS = ("none", "random_shift")
+
+
 @dataclasses.dataclass(frozen=True)
 class AgentConfig:
     """DQN-family hyperparameters. Steps are agent steps (environment steps of one seed, all its envs)."""
@@ -153,13 +156,32 @@ class AgentConfig:
     eps_eval: float = 0.001
     loss: str = "mse"
     double_q: bool = False
+    n_step: int = 1  # n-step returns, stopping at episode ends (moescale.replay.nstep)
+    cql_alpha: float = 0.0  # weight of the CQL(H) regularizer (offline agents); 0 turns it off
+    # Prioritized replay (Schaul et al. 2016): P(i) ~ p_i^alpha; importance weights (N P(i))^-beta with beta
+    # annealed linearly from priority_beta_start to 1 over priority_beta_steps agent steps after min_replay.
+    prioritized: bool = False
+    priority_alpha: float = 0.5
+    priority_beta_start: float = 0.4
+    priority_beta_steps: int = 10_000_000
+    augmentation: str = "none"  # "random_shift": DrQ's random shifts of obs and next_obs (image observations)
+    shift_pad: int = 4  # random_shift: largest shift in pixels
 
     def __post_init__(self) -> None:
         checks.positive_number("learning_rate", self.learning_rate)
         checks.positive_number("adam_eps", self.adam_eps)
-        for name in ("batch_size", "update_period", "target_update_period", "replay_capacity", "eps_decay_steps"):
+        for name in ("batch_size", "update_period", "target_update_period", "replay_capacity", "eps_decay_steps",
+                     "n_step"):
             checks.positive_int(name, getattr(self, name))
         checks.int_at_least("min_replay", self.min_replay, 0)
+        checks.non_negative_number("cql_alpha", self.cql_alpha)
+        checks.positive_int("priority_beta_steps", self.priority_beta_steps)
+        checks.choice("augmentation", self.augmentation, AUGMENTATIONS)
+        checks.int_at_least("shift_pad", self.shift_pad, 0)
+        for name in ("priority_alpha", "priority_beta_start"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                checks.fail(name, value, "must be in [0, 1]")
         if not 0.0 <= self.gamma <= 1.0:
             checks.fail("gamma", self.gamma, "must be in [0, 1]")
         for name in ("eps_start", "eps_end", "eps_eval"):
@@ -169,6 +191,9 @@ class AgentConfig:
         checks.choice("loss", self.loss, LOSSES)
         if self.batch_size > self.replay_capacity:
             checks.fail("batch_size", self.batch_size, f"must be <= replay_capacity={self.replay_capacity}")
+
+
+SEED_LAYOUTS = ("auto", "vmap", "unroll")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +214,12 @@ class TrainConfig:
     eval_episodes: int = 8
     eval_max_steps: int = 5_000  # per evaluation episode
     checkpoint_every: int = 10  # iterations
+    # How the seeds share one compiled program. "vmap": one batched program over a seed axis (the GPU
+    # design). "unroll": one copy of the per-seed program per seed, each seed in its own buffers, which on
+    # CPU keeps a seed's weights in cache and lets XLA run seeds side by side (1.46x (dense) and 1.27x
+    # (Soft MoE-4) the vmap throughput for 8 minatar-dqn seeds on 2 cores; BENCHMARKS.md); compile time
+    # grows with the seed count. "auto": unroll on CPU, vmap on accelerators.
+    seed_layout: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("steps", "seeds", "num_envs", "iteration_steps", "eval_episodes", "eval_max_steps",
@@ -199,6 +230,7 @@ class TrainConfig:
                                                  and 0.0 <= self.sticky_prob < 1.0):
             checks.fail("sticky_prob", self.sticky_prob, "must be None or in [0, 1)")
         checks.optional_positive_int("max_episode_steps", self.max_episode_steps)
+        checks.choice("seed_layout", self.seed_layout, SEED_LAYOUTS)
         period, envs = self.agent.update_period, self.num_envs
         if period % envs and envs % period:
             checks.fail("num_envs", envs, f"must divide agent.update_period={period} or be a multiple of it, "

@@ -57,6 +57,16 @@ class TestOverrides:
             apply_overrides(get_preset("minatar-dqn"), [item])
 
 
+def test_overrides_are_validated_together_in_any_order():
+    # head=c51 alone is invalid (it needs num_atoms); together with num_atoms it is fine, in either order
+    for sets in (["network.head=c51", "network.num_atoms=51"], ["network.num_atoms=51", "network.head=c51"]):
+        config = apply_overrides(get_preset("minatar-dqn"), sets)
+        assert (config.network.head, config.network.num_atoms) == ("c51", 51)
+    with pytest.raises(ValueError, match="num_atoms"):
+        apply_overrides(get_preset("minatar-dqn"), ["network.head=c51"])
+    assert apply_overrides(get_preset("minatar-dqn"), ["seeds=2", "seeds=3"]).seeds == 3
+
+
 class TestTrainConfig:
     def test_envs_must_keep_the_replay_ratio(self):
         with pytest.raises(ValueError, match="num_envs=3"):
@@ -64,6 +74,50 @@ class TestTrainConfig:
         assert TrainConfig(num_envs=8, iteration_steps=8000).steps_per_loop == 8
         assert TrainConfig(num_envs=2, iteration_steps=8000).steps_per_loop == 4
 
+    def test_seed_layout(self):
+        with pytest.raises(ValueError, match="seed_layout='pmap'.*'auto', 'vmap', 'unroll'"):
+            TrainConfig(seed_layout="pmap")
+
     def test_iteration_steps_multiple_of_a_round(self):
         with pytest.raises(ValueError, match="iteration_steps=10"):
             TrainConfig(num_envs=8, iteration_steps=10)
+
+
+@pytest.mark.parametrize("name", ["atari-rainbow", "atari100k-der", "atari100k-drq-eps"])
+def test_atari_presets_build_and_learn_from_atari_shaped_data(name):
+    # The ALE trainer is separate; here each preset's network and agent take a few updates on fake frames.
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from moescale.agents import make_dqn
+    from moescale.networks import build_network
+    from moescale.replay.nstep import LearnBatch
+
+    config = get_preset(name)
+    net = build_network(config.network, (84, 84, 4), 6, jnp.uint8)
+    agent = make_dqn(net, config.agent)
+    rng = np.random.default_rng(0)
+    frames = lambda: jnp.asarray(rng.integers(0, 256, (8, 84, 84, 4)), jnp.uint8)  # noqa: E731
+    batch = LearnBatch(frames(), jnp.asarray(rng.integers(0, 6, 8), jnp.int32), jnp.ones(8, jnp.float32),
+                       jnp.full(8, 0.99**config.agent.n_step, jnp.float32), frames(), jnp.ones(8, jnp.float32))
+    state = agent.init(jax.random.key(0))
+    update = jax.jit(agent.update)
+    for i in range(3):
+        state, metrics = update(state, batch, jax.random.key(i))
+        assert np.isfinite(float(metrics["loss"]))
+    assert int(state.updates) == 3
+    actions = agent.act(state.params, batch.obs, jax.random.key(9), jnp.float32(0.0))
+    assert actions.shape == (8,) and int(actions.max()) < 6
+
+
+def test_augmentation_needs_images():
+    import jax.numpy as jnp
+
+    from moescale.agents import make_dqn
+    from moescale.networks import build_network
+
+    config = apply_overrides(get_preset("classic-dqn"), ["agent.augmentation=random_shift"])
+    net = build_network(config.network, (4,), 2, jnp.float32)
+    with pytest.raises(ValueError, match="augmentation='random_shift'.*image"):
+        make_dqn(net, config.agent)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -64,9 +66,9 @@ class TestRunDirectory:
         assert json.loads((out / "summary.json").read_text()) == summary
         assert summary["agent_steps"] == 20000 and len(summary["final_eval_return"]) == 2
         assert summary["mean_final_eval_return"] == pytest.approx(np.mean(summary["final_eval_return"]))
-        # replay: 10k transitions of obs (4,) + next_obs (4,) float32, action int32, reward float32,
-        # terminated bool, plus two int32 counters
-        assert summary["replay_bytes_per_seed"] == 10_000 * (16 + 16 + 4 + 4 + 1) + 8
+        # replay: 50k transitions of obs (4,) + next_obs (4,) float32, action int32, reward float32,
+        # terminated and truncated bool, plus two int32 counters
+        assert summary["replay_bytes_per_seed"] == 50_000 * (16 + 16 + 4 + 4 + 1 + 1) + 8
         assert load_run_config(out) == short_cartpole(seeds=2)
         rows = metrics(out)
         assert [(int(r["iteration"]), int(r["seed"])) for r in rows] == [(1, 0), (1, 1), (2, 0), (2, 1)]
@@ -95,6 +97,56 @@ class TestRunDirectory:
             train(short_cartpole(seeds=2), out, progress=False)
         assert (out / "metrics.csv").read_text() == before
         assert yaml.safe_load((out / "config.yaml").read_text())["seeds"] == 2
+
+
+class TestSeedLayouts:
+    @pytest.mark.parametrize("layout", ["unroll", "vmap"])
+    def test_each_seed_is_the_run_of_its_own_seed(self, layout, tmp_path):
+        # Seed s of a run uses key(seed + s) and nothing else: seed 1 of a 2-seed run is the 1-seed run with
+        # seed=1, metric for metric, in either layout.
+        both = train(short_cartpole(seeds=2, seed_layout=layout), tmp_path / "both", progress=False)
+        alone = train(short_cartpole(seeds=1, seed=1, seed_layout=layout), tmp_path / "alone", progress=False)
+        assert both["final_eval_return"][1] == alone["final_eval_return"][0]
+        second = [{k: v for k, v in r.items() if k != "seed"} for r in metrics(tmp_path / "both") if r["seed"] == "1"]
+        assert second == [{k: v for k, v in r.items() if k != "seed"} for r in metrics(tmp_path / "alone")]
+
+    def test_checkpoints_are_stacked_whatever_the_layout(self, tmp_path):
+        from moescale.train.anakin import make_trainer, seed_keys
+
+        config = short_cartpole(seeds=3, seed_layout="unroll")
+        trainer = make_trainer(config)
+        states = trainer.init(seed_keys(config))
+        assert isinstance(states, tuple) and len(states) == 3
+        stacked = trainer.layout.stack(states)
+        assert stacked.replay.data.obs.shape == (3, 50_000, 4)
+        again = trainer.layout.unstack(stacked)
+        for a, b in zip(jax.tree.leaves(states), jax.tree.leaves(again), strict=True):
+            np.testing.assert_array_equal(_raw(a), _raw(b))
+
+
+def _raw(x: jax.Array) -> jax.Array:
+    """The bits of an array, of PRNG keys too."""
+    return jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+
+class TestRainbowComponents:
+    def test_every_component_trains_end_to_end(self, tmp_path):
+        rainbow = {"agent.prioritized": "true", "agent.n_step": "3", "agent.double_q": "true",
+                   "network.head": "c51", "network.num_atoms": "21", "network.v_min": "0", "network.v_max": "100",
+                   "network.dueling": "true", "network.noisy": "true", "seeds": "2"}
+        summary = train(short_cartpole(**rainbow), tmp_path / "run", progress=False)
+        assert len(summary["final_eval_return"]) == 2 and all(r >= 8 for r in summary["final_eval_return"])
+        # data as the uniform buffer's, plus the sum tree (2 * 65,536 float32 leaves for 50k) and max priority
+        assert summary["replay_bytes_per_seed"] == 50_000 * 42 + 8 + 2 * 65_536 * 4 + 4
+        assert all(np.isfinite(float(r["loss"])) for r in metrics(tmp_path / "run"))
+
+    def test_minatar_rainbow_preset_runs(self, tmp_path):
+        config = apply_overrides(get_preset("minatar-rainbow"), [
+            "steps=1000", "iteration_steps=500", "agent.min_replay=200", "agent.replay_capacity=2000",
+            "eval_episodes=1", "eval_max_steps=20"])
+        summary = train(config, tmp_path / "run", progress=False)
+        assert summary["preset"] == "minatar-rainbow" and summary["agent_steps"] == 1000
+        assert all(np.isfinite(float(r["loss"])) for r in metrics(tmp_path / "run"))
 
 
 class TestKilled:

@@ -1,5 +1,7 @@
 """Value-based agents as pure functions (init, act, update) that any training loop can drive."""
 
-from moescale.agents.dqn import Agent, DQNState, epsilon_schedule, make_dqn, td_loss
+from moescale.agents.dqn import Agent, DQNState, epsilon_schedule, make_dqn, priority_beta, td_error, td_loss
+from moescale.agents.losses import c51_loss, categorical_projection, cql_regularizer
 
-__all__ = ["Agent", "DQNState", "epsilon_schedule", "make_dqn", "td_loss"]
+__all__ = ["Agent", "DQNState", "c51_loss", "categorical_projection", "cql_regularizer", "epsilon_schedule",
+           "make_dqn", "priority_beta", "td_error", "td_loss"]

@@ -20,11 +20,15 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from moescale.agents import Agent, DQNState, epsilon_schedule, make_dqn
+from moescale.agents import Agent, DQNState, epsilon_schedule, make_dqn, priority_beta
 from moescale.config import TrainConfig
 from moescale.envs import EnvState, JaxEnv, make_env
 from moescale.networks import Network, build_network
-from moescale.replay import ReplayState, Transition, replay_add, replay_init, replay_sample
+from moescale.replay import ReplayState, Transition, replay_add, replay_init
+from moescale.replay.nstep import nstep_batch, sample_indices
+from moescale.replay.prioritized import PrioritizedReplayState, per_add, per_init, per_sample, per_update
+
+PRIORITY_FLOOR = 1e-6
 
 
 @flax.struct.dataclass
@@ -32,7 +36,7 @@ class SeedState:
     """Everything one seed carries from iteration to iteration."""
 
     agent: DQNState
-    replay: ReplayState
+    replay: ReplayState | PrioritizedReplayState
     env_state: EnvState  # (E,)
     obs: jax.Array  # (E, *obs)
     key: jax.Array
@@ -70,14 +74,21 @@ class EvalCarry(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
-    """Compiled pieces of one run: init(keys) -> states, iterate(states, step) -> (states, metrics)."""
+    """Compiled pieces of one run: init(keys) -> states, iterate(states, step) -> (states, metrics).
+
+    `states` are in the run's seed layout (see SeedLayout); layout.stack(states) gives the stacked form
+    (leaves (S, ...)) that checkpoints store, layout.unstack the way back. Metrics are always stacked (S,).
+    """
 
     config: TrainConfig
     env: JaxEnv
     network: Network
     agent: Agent
-    init: Callable[[jax.Array], SeedState]
-    iterate: Callable[[SeedState, jax.Array], tuple[SeedState, dict[str, jax.Array]]]
+    layout: SeedLayout
+    init: Callable[[jax.Array], Any]
+    iterate: Callable[[Any, jax.Array], tuple[Any, dict[str, jax.Array]]]
+    example: Transition  # one transition's shapes and dtypes (jax.ShapeDtypeStruct leaves)
+    replay_bytes: int  # one seed's replay buffer (and sum tree when prioritized)
 
 
 def make_trainer(config: TrainConfig) -> Trainer:
@@ -90,45 +101,68 @@ def make_trainer(config: TrainConfig) -> Trainer:
     act_steps = max(1, acfg.update_period // num_envs)  # K
     updates_per_round = max(1, num_envs // acfg.update_period)  # U
     rounds = config.iteration_steps // config.steps_per_loop
+    layout = make_seed_layout(config.seed_layout)
+    over_seeds = layout.over
+    obs_spec = jax.ShapeDtypeStruct(env.obs_shape, env.obs_dtype)
+    flag = jax.ShapeDtypeStruct((), jnp.bool_)
+    example = Transition(obs_spec, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32), flag,
+                         obs_spec, flag)
+
+    prioritized, alpha = acfg.prioritized, acfg.priority_alpha
+
+    def make_replay() -> ReplayState | PrioritizedReplayState:
+        return (per_init if prioritized else replay_init)(acfg.replay_capacity, example)
 
     def init_seed(key: jax.Array) -> SeedState:
         key_agent, key_env, key_next = jax.random.split(key, 3)
         obs, env_state = jax.vmap(env.reset)(jax.random.split(key_env, num_envs))
-        example = Transition(obs[0], jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32),
-                             jnp.zeros((), jnp.bool_), obs[0])
-        return SeedState(agent.init(key_agent), replay_init(acfg.replay_capacity, example), env_state, obs,
-                         key_next)
+        return SeedState(agent.init(key_agent), make_replay(), env_state, obs, key_next)
 
     def act_step(seed: SeedState, stats: RoundStats, epsilon: jax.Array) -> tuple[SeedState, RoundStats]:
         key, key_act, key_env = jax.random.split(seed.key, 3)
         action = agent.act(seed.agent.params, seed.obs, key_act, epsilon)  # (E,)
         env_state, ts = jax.vmap(env.step)(jax.random.split(key_env, num_envs), seed.env_state, action)
         done = ts.terminated | ts.truncated
-        replay = replay_add(seed.replay, Transition(seed.obs, action, ts.reward, ts.terminated, ts.final_obs))
+        new = Transition(seed.obs, action, ts.reward, ts.terminated, ts.final_obs, ts.truncated)
+        replay = per_add(seed.replay, new, alpha) if prioritized else replay_add(seed.replay, new)
         stats = stats.replace(return_sum=stats.return_sum + jnp.sum(jnp.where(done, ts.episode_return, 0.0)),
                               episodes=stats.episodes + jnp.sum(done))
         return seed.replace(replay=replay, env_state=env_state, obs=ts.obs, key=key), stats
 
-    def learn(seed: SeedState, stats: RoundStats) -> tuple[SeedState, RoundStats]:
-        agent_state, key = seed.agent, seed.key
+    def learn(seed: SeedState, stats: RoundStats, step: jax.Array) -> tuple[SeedState, RoundStats]:
+        agent_state, replay, key = seed.agent, seed.replay, seed.key
         for _ in range(updates_per_round):  # static and small (E / update_period)
-            key, key_sample = jax.random.split(key)
-            agent_state, m = agent.update(agent_state, replay_sample(seed.replay, key_sample, acfg.batch_size))
+            key, key_sample, key_update = jax.random.split(key, 3)
+            if prioritized:
+                idx, _, weights = per_sample(replay, key_sample, acfg.batch_size, priority_beta(step, acfg))
+                batch = nstep_batch(replay.replay, idx, acfg.n_step, acfg.gamma, num_envs).replace(weights=weights)
+            else:
+                idx = sample_indices(replay, key_sample, acfg.batch_size)
+                batch = nstep_batch(replay, idx, acfg.n_step, acfg.gamma, num_envs)
+            agent_state, m = agent.update(agent_state, batch, key_update)
+            if prioritized:  # a small floor keeps every transition sampleable (Schaul et al. 2016, section 3.3)
+                replay = per_update(replay, idx, m["priority"] + PRIORITY_FLOOR, alpha)
             stats = stats.replace(loss=stats.loss + m["loss"], mean_q=stats.mean_q + m["mean_q"],
                                   updates=stats.updates + 1)
-        return seed.replace(agent=agent_state, key=key), stats
+        return seed.replace(agent=agent_state, replay=replay, key=key), stats
+
+    def sync_seed(seed: SeedState, stats: None) -> tuple[SeedState, None]:
+        return seed.replace(agent=agent.sync_target(seed.agent)), stats
 
     def one_round(carry: RoundCarry, _: None) -> tuple[RoundCarry, None]:
         seeds, stats, step = carry
-        for k in range(act_steps):  # static: update_period / E acting steps
-            epsilon = epsilon_schedule(step + k * num_envs, acfg)
-            seeds, stats = jax.vmap(act_step, (0, 0, None))(seeds, stats, epsilon)
+
+        def act_all(k: jax.Array, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+            return over_seeds(act_step, *carry, epsilon_schedule(step + k * num_envs, acfg))
+
+        # A loop, not a Python unroll: one copy of the acting code per seed keeps compile times short.
+        seeds, stats = jax.lax.fori_loop(0, act_steps, act_all, (seeds, stats))
         new_step = step + config.steps_per_loop
-        seeds, stats = jax.lax.cond(new_step >= acfg.min_replay, jax.vmap(learn), lambda s, t: (s, t),
-                                    seeds, stats)
+        seeds, stats = jax.lax.cond(new_step >= acfg.min_replay, lambda s, t: over_seeds(learn, s, t, new_step),
+                                    lambda s, t: (s, t), seeds, stats)
         crossed = new_step // acfg.target_update_period > step // acfg.target_update_period
-        agents = jax.lax.cond(crossed, jax.vmap(agent.sync_target), lambda a: a, seeds.agent)
-        return RoundCarry(seeds.replace(agent=agents), stats, new_step), None
+        seeds = jax.lax.cond(crossed, lambda s: over_seeds(sync_seed, s, None)[0], lambda s: s, seeds)
+        return RoundCarry(seeds, stats, new_step), None
 
     def evaluate(params: Any, key: jax.Array) -> jax.Array:
         """Mean return of eval_episodes episodes at eps_eval, each capped at eval_max_steps."""
@@ -141,7 +175,7 @@ def make_trainer(config: TrainConfig) -> Trainer:
 
         def body(c: EvalCarry) -> EvalCarry:
             key, key_act, key_env = jax.random.split(c.key, 3)
-            action = agent.act(params, c.obs, key_act, jnp.float32(acfg.eps_eval))
+            action = agent.act(params, c.obs, key_act, jnp.float32(acfg.eps_eval), noise=False)
             env_state, ts = jax.vmap(env.step)(jax.random.split(key_env, n), c.env_state, action)
             returns = c.returns + jnp.where(c.done, 0.0, ts.reward)  # (N,) only the first episode counts
             return EvalCarry(ts.obs, env_state, returns, c.done | ts.terminated | ts.truncated, key, c.t + 1)
@@ -149,27 +183,80 @@ def make_trainer(config: TrainConfig) -> Trainer:
         init = EvalCarry(obs, env_state, jnp.zeros(n), jnp.zeros(n, jnp.bool_), key_loop, jnp.int32(0))
         return jnp.mean(jax.lax.while_loop(cond, body, init).returns)
 
-    def iterate(seeds: SeedState, step: jax.Array) -> tuple[SeedState, dict[str, jax.Array]]:
-        num_seeds = seeds.obs.shape[0]
-        zeros = RoundStats(*(jnp.zeros(num_seeds) for _ in range(5)))
-        (seeds, stats, _), _ = jax.lax.scan(one_round, RoundCarry(seeds, zeros, step), None, length=rounds)
-        keys = jax.vmap(lambda k: jax.random.split(k))(seeds.key)  # (S, 2)
-        eval_return = jax.vmap(evaluate)(seeds.agent.params, keys[:, 1])
-        finite = jax.vmap(_all_finite)(seeds.agent.params)  # (S,)
+    def finish(seed: SeedState, stats: RoundStats) -> tuple[SeedState, dict[str, jax.Array]]:
+        """End of an iteration for one seed: evaluate, check finiteness, turn sums into metrics."""
+        key, key_eval = jax.random.split(seed.key)
+        learned = stats.updates > 0
         per_update = jnp.maximum(stats.updates, 1)
         metrics = {
-            "loss": jnp.where(stats.updates > 0, stats.loss / per_update, jnp.nan),
-            "mean_q": jnp.where(stats.updates > 0, stats.mean_q / per_update, jnp.nan),
+            "loss": jnp.where(learned, stats.loss / per_update, jnp.nan),
+            "mean_q": jnp.where(learned, stats.mean_q / per_update, jnp.nan),
             "train_return": jnp.where(stats.episodes > 0, stats.return_sum / jnp.maximum(stats.episodes, 1),
                                       jnp.nan),
             "train_episodes": stats.episodes,
-            "eval_return": eval_return,
-            "finite": finite & jnp.isfinite(jnp.where(stats.updates > 0, stats.loss, 0.0)),
+            "eval_return": evaluate(seed.agent.params, key_eval),
+            "finite": _all_finite(seed.agent.params) & jnp.isfinite(jnp.where(learned, stats.loss, 0.0)),
         }
-        return seeds.replace(key=keys[:, 0]), metrics
+        return seed.replace(key=key), metrics
 
-    return Trainer(config, env, network, agent, jax.vmap(init_seed),
-                   jax.jit(iterate, donate_argnums=0))
+    def zero_stats(seed: SeedState, _: None) -> tuple[SeedState, RoundStats]:
+        return seed, RoundStats(*(jnp.zeros(()) for _ in range(5)))
+
+    def iterate(seeds: Any, step: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+        seeds, zeros = over_seeds(zero_stats, seeds, None)
+        (seeds, stats, _), _ = jax.lax.scan(one_round, RoundCarry(seeds, zeros, step), None, length=rounds)
+        seeds, metrics = over_seeds(finish, seeds, stats)
+        return seeds, layout.stack(metrics)
+
+    replay_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(make_replay)))
+    return Trainer(config, env, network, agent, layout, lambda keys: layout.init(init_seed, keys),
+                   jax.jit(iterate, donate_argnums=0), example, replay_bytes)
+
+
+class SeedLayout(NamedTuple):
+    """How one program holds S seeds. "vmap": one pytree with a leading seed axis, per-seed functions
+    vmapped. "unroll": a tuple of S per-seed pytrees, each in its own buffers, per-seed functions called
+    once per seed, so XLA compiles S independent copies it can run side by side.
+
+    init(fn, keys) -> states; stack(states) -> leaves (S, ...); unstack(stacked) -> states;
+    over(fn, seeds, stats, *shared) applies fn(seed, stat, *shared) -> (seed, stat) to every seed (stats
+    may be None).
+    """
+
+    name: str
+    init: Callable
+    stack: Callable
+    unstack: Callable
+    over: Callable
+
+
+def resolve_seed_layout(layout: str) -> str:
+    """"auto" -> "unroll" on CPU, "vmap" on accelerators; other values unchanged."""
+    if layout == "auto":
+        return "unroll" if jax.default_backend() == "cpu" else "vmap"
+    return layout
+
+
+def make_seed_layout(layout: str) -> SeedLayout:
+    """The SeedLayout called `layout` ("auto", "vmap" or "unroll")."""
+    name = resolve_seed_layout(layout)
+    if name == "vmap":
+        def over_vmap(fn, seeds, stats, *shared):
+            return jax.vmap(fn, (0, 0) + (None,) * len(shared))(seeds, stats, *shared)
+
+        same = lambda tree: tree  # noqa: E731
+        return SeedLayout(name, lambda fn, keys: jax.vmap(fn)(keys), same, same, over_vmap)
+
+    def over_unroll(fn, seeds, stats, *shared):
+        stats = (None,) * len(seeds) if stats is None else stats
+        outs = [fn(seed, stat, *shared) for seed, stat in zip(seeds, stats, strict=True)]
+        return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
+
+    def unstack(tree):
+        return tuple(jax.tree.map(lambda x, i=i: x[i], tree) for i in range(jax.tree.leaves(tree)[0].shape[0]))
+
+    return SeedLayout(name, lambda fn, keys: tuple(fn(key) for key in keys),
+                      lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees), unstack, over_unroll)
 
 
 def _all_finite(tree: Any) -> jax.Array:

@@ -27,7 +27,6 @@ import yaml
 from tqdm import tqdm
 
 from moescale.config import TrainConfig
-from moescale.replay import replay_bytes
 from moescale.train.anakin import make_trainer, seed_keys
 from moescale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -117,7 +116,8 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
     ckpt_dir = out / "checkpoints"
     if resume:
         last = latest_checkpoint(ckpt_dir)
-        states, meta = load_checkpoint(ckpt_dir, last, states)
+        stacked, meta = load_checkpoint(ckpt_dir, last, jax.eval_shape(trainer.layout.stack, states))
+        states = trainer.layout.unstack(stacked)
         iteration, prior_wall = meta["iteration"], meta["wall_seconds"]
         rows = _read_rows(out / "metrics.csv", iteration)
     step = iteration * config.iteration_steps
@@ -152,22 +152,22 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
                          "mean_q": float(metrics["mean_q"][s]), "steps_per_second": sps, "wall_seconds": wall})
         _write_tables(out, rows)
         if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
-            save_checkpoint(ckpt_dir, iteration, states, {"iteration": iteration, "wall_seconds": wall})
+            meta = {"iteration": iteration, "wall_seconds": wall}
+            save_checkpoint(ckpt_dir, iteration, trainer.layout.stack(states), meta)
         bar.set_postfix(steps=f"{step:,}", sps=f"{sps:,.0f}", eval=f"{np.mean(metrics['eval_return']):.1f}")
         bar.update(1)
     bar.close()
     sps = steps_run * config.seeds / run_seconds if run_seconds else math.nan
-    summary = _summary(config, trainer, states, rows, compile_seconds, sps, prior_wall + time.perf_counter() - t_start)
+    summary = _summary(config, trainer, rows, compile_seconds, sps, prior_wall + time.perf_counter() - t_start)
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
-def _summary(config: TrainConfig, trainer: Any, states: Any, rows: list[dict], compile_seconds: float,
+def _summary(config: TrainConfig, trainer: Any, rows: list[dict], compile_seconds: float,
              steps_per_second: float, wall_seconds: float) -> dict[str, Any]:
     """summary.json: what ran, what it scored, how fast, under which protocol, versions and device."""
     last = [r for r in rows if r["iteration"] == config.iterations]
     final = [r["eval_return"] for r in sorted(last, key=lambda r: r["seed"])]
-    example = jax.tree_util.tree_map(lambda x: x[0, 0], states.replay.data)  # one transition of seed 0
     return {
         "env": config.env,
         "preset": config.preset,
@@ -181,9 +181,10 @@ def _summary(config: TrainConfig, trainer: Any, states: Any, rows: list[dict], c
         "wall_seconds": wall_seconds,
         "compile_seconds": compile_seconds,
         "agent_steps_per_second": steps_per_second,  # all seeds, this process, compilation excluded
+        "seed_layout": trainer.layout.name,
         "params": trainer.network.info.params,
         "forward_flops": trainer.network.info.forward_flops,
-        "replay_bytes_per_seed": replay_bytes(config.agent.replay_capacity, example),
+        "replay_bytes_per_seed": trainer.replay_bytes,
         "protocol": trainer.env.protocol(),
         "versions": versions(),
         "device": device_name(),
