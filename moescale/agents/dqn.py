@@ -59,7 +59,7 @@ def td_error(q_tm1: jax.Array, a_tm1: jax.Array, r_t: jax.Array, discount_t: jax
     """TD error y - Q(s_tm1, a_tm1) of one transition: q_tm1 (A,), a_tm1 (), r_t (), discount_t (),
     q_t_value/selector (A,) -> ()."""
     ranks = (q_tm1.ndim, q_t_value.ndim, q_t_selector.ndim, a_tm1.ndim, r_t.ndim, discount_t.ndim)
-    assert ranks == (1, 1, 1, 0, 0, 0), f"td_loss takes one transition, got ranks {ranks}"
+    assert ranks == (1, 1, 1, 0, 0, 0), f"td_error takes one transition, got ranks {ranks}"
     if double_q:
         return rlax.double_q_learning(q_tm1, a_tm1, r_t, discount_t, q_t_value, q_t_selector)
     return rlax.q_learning(q_tm1, a_tm1, r_t, discount_t, q_t_value)
