@@ -29,6 +29,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--force", action="store_true", help="replace whatever --out holds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--record-dataset", action="store_true",
+                   help="also write every transition to RUN_DIR/dataset (offline-RL format, moescale.data)")
 
 
 def _build_config(args: argparse.Namespace):
@@ -64,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.resume if args.resume is not None else args.out
     try:
         summary = train(config, out, resume=args.resume is not None, force=args.force,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, record_dataset=args.record_dataset)
     except RunError as e:
         print(f"moescale train: {e}", file=sys.stderr)
         return 2

@@ -158,6 +158,31 @@ class TestRainbowComponents:
         assert all(np.isfinite(float(r["loss"])) for r in metrics(tmp_path / "run"))
 
 
+class TestRecordDataset:
+    def test_the_dataset_holds_every_transition_in_order(self, tmp_path):
+        from moescale.data import load_dataset
+
+        train(short_cartpole(seeds=2), tmp_path / "run", progress=False, record_dataset=True)
+        data, manifest = load_dataset(tmp_path / "run" / "dataset", env_name="CartPole-v1", seed=1)
+        envs = manifest["num_envs"]
+        assert envs == 10 and data.reward.shape == (20_000,) and data.obs.shape == (20_000, 4)
+        # interleaved envs: entry i + E is the next step of entry i's environment unless the episode ended
+        ended = data.terminated | data.truncated
+        going_on = ~ended[:-envs]
+        np.testing.assert_array_equal(data.next_obs[:-envs][going_on], data.obs[envs:][going_on])
+        # every recorded episode end is an episode the run counted
+        rows = [r for r in metrics(tmp_path / "run") if r["seed"] == "1"]
+        assert int(ended.sum()) == int(rows[-1]["episodes"])
+
+    def test_refused_with_resume_or_a_replay_smaller_than_an_iteration(self, tmp_path):
+        with pytest.raises(RunError, match="--record-dataset: cannot be combined with --resume"):
+            train(short_cartpole(), tmp_path / "a", resume=True, progress=False, record_dataset=True)
+        small = short_cartpole(**{"agent.replay_capacity": "5000", "agent.min_replay": "1000"})
+        with pytest.raises(RunError, match="replay_capacity=5000 must hold one iteration"):
+            train(small, tmp_path / "b", progress=False, record_dataset=True)
+        assert not (tmp_path / "b").exists()
+
+
 class TestKilled:
     def test_kill_9_then_resume_matches_uninterrupted(self, tmp_path):
         sets = ["steps=60000", "iteration_steps=10000", "checkpoint_every=1", "eval_episodes=4",

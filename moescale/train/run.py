@@ -8,6 +8,8 @@ so a crash never leaves a half-written file behind.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -27,6 +29,8 @@ import yaml
 from tqdm import tqdm
 
 from moescale.config import TrainConfig
+from moescale.data import DatasetWriter
+from moescale.replay import PrioritizedReplayState, Transition
 from moescale.train.anakin import make_trainer, seed_keys
 from moescale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -47,6 +51,18 @@ def _write_atomic(path: Path, text: str) -> None:
 def load_run_config(out: Path) -> TrainConfig:
     """The resolved config a run directory was started with."""
     return TrainConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+
+
+def newest_transitions(trainer: Any, num: int, states: Any) -> Transition:
+    """The num transitions each seed wrote last, oldest first: leaves (S, num, ...)."""
+
+    def take(seed: Any, _: None) -> tuple[Any, Transition]:
+        replay = seed.replay.replay if isinstance(seed.replay, PrioritizedReplayState) else seed.replay
+        capacity = replay.data.reward.shape[0]
+        idx = (replay.insert - num + jnp.arange(num)) % capacity
+        return seed, jax.tree.map(lambda x: x[idx], replay.data)
+
+    return trainer.layout.stack(trainer.layout.over(take, states, None)[1])
 
 
 def prepare_run_dir(config: TrainConfig, out: Path, resume: bool, force: bool) -> TrainConfig:
@@ -105,13 +121,29 @@ def _write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = False,
-          progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a training run into `out` and return its summary."""
+          progress: bool = True, record_dataset: bool = False) -> dict[str, Any]:
+    """Run (or resume) a training run into `out` and return its summary.
+
+    record_dataset: also write every transition the run collects to out/dataset (moescale.data format),
+    one chunk per seed per iteration, closed when the run finishes.
+    """
     out = Path(out)
+    if record_dataset:
+        if resume:
+            raise RunError("--record-dataset: cannot be combined with --resume (a recording is written in one go)")
+        if config.agent.replay_capacity < config.iteration_steps:
+            raise RunError(f"--record-dataset: agent.replay_capacity={config.agent.replay_capacity} must hold "
+                           f"one iteration (iteration_steps={config.iteration_steps})")
     config = prepare_run_dir(config, out, resume, force)
     t_start = time.perf_counter()
     trainer = make_trainer(config)
     states = trainer.init(seed_keys(config))
+    writer = newest = None
+    if record_dataset:
+        writer = DatasetWriter(out / "dataset", config.env, trainer.env.protocol(), trainer.env.obs_shape,
+                               trainer.env.obs_dtype, trainer.env.num_actions, config.num_envs,
+                               {"config": config.to_dict(), "recorded": "every transition of the training run"})
+        newest = jax.jit(functools.partial(newest_transitions, trainer, config.iteration_steps))
     iteration, rows, prior_wall = 0, [], 0.0
     ckpt_dir = out / "checkpoints"
     if resume:
@@ -151,12 +183,18 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
                          "eval_return": float(metrics["eval_return"][s]), "loss": float(metrics["loss"][s]),
                          "mean_q": float(metrics["mean_q"][s]), "steps_per_second": sps, "wall_seconds": wall})
         _write_tables(out, rows)
+        if writer is not None:
+            recent = jax.device_get(newest(states))  # leaves (S, iteration_steps, ...)
+            for s in range(config.seeds):
+                writer.append(s, {f.name: getattr(recent, f.name)[s] for f in dataclasses.fields(recent)})
         if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
             meta = {"iteration": iteration, "wall_seconds": wall}
             save_checkpoint(ckpt_dir, iteration, trainer.layout.stack(states), meta)
         bar.set_postfix(steps=f"{step:,}", sps=f"{sps:,.0f}", eval=f"{np.mean(metrics['eval_return']):.1f}")
         bar.update(1)
     bar.close()
+    if writer is not None:
+        writer.close()
     sps = steps_run * config.seeds / run_seconds if run_seconds else math.nan
     summary = _summary(config, trainer, rows, compile_seconds, sps, prior_wall + time.perf_counter() - t_start)
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
