@@ -56,12 +56,13 @@ def host_loop_sps(config: TrainConfig, timed_steps: int, seed: int = 0) -> float
     game.reset()
     obs = game.state()
     total = acfg.min_replay + timed_steps
+    epsilons = np.asarray(epsilon_schedule(jnp.arange(total), acfg))  # the schedule once, not a device call a step
     start = None
     for step in range(total):
         if step == acfg.min_replay:
             jax.block_until_ready(state)
             start = time.perf_counter()
-        if rng.random() < float(epsilon_schedule(step, acfg)):
+        if rng.random() < epsilons[step]:
             action = int(rng.integers(len(action_set)))
         else:
             action = int(greedy(state.params, obs))

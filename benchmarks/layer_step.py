@@ -116,6 +116,13 @@ def machine() -> str:
             f"jax {jax.__version__}, python {platform.python_version()}")
 
 
+def section_text(title: str, script: str, argv: list[str] | None, how: str, body: str) -> str:
+    """A BENCHMARKS.md section: title, the exact command, the machine, the date with how it was measured, body."""
+    args = " ".join(argv if argv is not None else sys.argv[1:])
+    return (f"## {title}\n\nCommand: `{f'python benchmarks/{script} {args}'.strip()}`  \nMachine: {machine()}  \n"
+            f"Date: {datetime.date.today().isoformat()}, {how}\n\n{body}\n")
+
+
 def write_section(path: Path, text: str, name: str = "layer_step") -> None:
     """Replace (or append) the named section of a markdown file, keeping the rest."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -143,11 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--encoders={args.encoders!r}: allowed {sorted(ENCODERS)}; --repeats must be >= 1")
     t0 = time.perf_counter()
     rows = run(args.repeats, encoders)
-    cmd = "python benchmarks/layer_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = (f"## Layer step time (batch {BATCH}, forward + backward + Adam)\n\n"
-            f"Command: `{cmd.strip()}`  \nMachine: {machine()}  \n"
-            f"Date: {datetime.date.today().isoformat()}, {args.repeats} round-robin repeats, "
-            f"{time.perf_counter() - t0:.0f} s in all.\n\n{table(rows)}\n")
+    text = section_text(f"Layer step time (batch {BATCH}, forward + backward + Adam)", "layer_step.py", argv,
+                        f"{args.repeats} round-robin repeats, {time.perf_counter() - t0:.0f} s in all.", table(rows))
     print(text)
     if args.write:
         write_section(args.write, text)

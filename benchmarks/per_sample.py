@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ from moescale.replay import PrioritizedReplayState, Transition, per_init, per_sa
 from moescale.replay.prioritized import sumtree_set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layer_step import machine, write_section  # noqa: E402
+from layer_step import section_text, write_section  # noqa: E402
 
 CAPACITIES = (1_000, 10_000, 100_000, 1_000_000)
 BATCH = 32
@@ -122,12 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--repeats must be >= 1 and --capacities a comma list of ints >= {BATCH}")
     t0 = time.perf_counter()
     rows = run(args.repeats, capacities)
-    cmd = "python benchmarks/per_sample.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = (f"## Prioritized replay step vs capacity (MinAtar obs {OBS} bool, batch {BATCH}, full buffer)\n\n"
-            f"Command: `{cmd.strip()}`  \nMachine: {machine()}  \n"
-            f"Date: {datetime.date.today().isoformat()}, median of {args.repeats} jitted calls per cell "
-            f"(state donated, block_until_ready, compilation excluded), {time.perf_counter() - t0:.0f} s in all.\n\n"
-            f"{table(rows)}\n")
+    text = section_text(f"Prioritized replay step vs capacity (MinAtar obs {OBS} bool, batch {BATCH}, full buffer)",
+                        "per_sample.py", argv,
+                        f"median of {args.repeats} jitted calls per cell (state donated, block_until_ready, "
+                        f"compilation excluded), {time.perf_counter() - t0:.0f} s in all.", table(rows))
     print(text)
     if args.write:
         write_section(args.write, text, "per_sample")

@@ -14,7 +14,6 @@ for all seeds together, since S seeds need S times the updates.
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from moescale.train.anakin import make_trainer, seed_keys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_loop import host_loop_sps  # noqa: E402
-from layer_step import machine, write_section  # noqa: E402
+from layer_step import section_text, write_section  # noqa: E402
 
 ARCHS = {"dense": ["network.moe=dense"], "softmoe-4": ["network.moe=softmoe", "network.num_experts=4"]}
 RUNS = ((1, "auto"), (8, "vmap"), (8, "unroll"))  # (seeds, seed_layout)
@@ -102,12 +101,11 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {arch} | {r['loop']} | {r['seeds']} | {r['sps']:,.0f} | {r['sps'] / host:.2f}x | "
                          f"{ceiling:,.0f} | {compile_s} |")
             print(lines[-1], flush=True)
-    cmd = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = (f"## Compiled trainer throughput vs a host loop (minatar-dqn, Breakout-MinAtar, 1 env per seed)\n\n"
-            f"Command: `{cmd.strip()}`  \nMachine: {machine()}  \nDate: {datetime.date.today().isoformat()}, "
-            f"median of {args.repeats} timed iterations of {args.iteration_steps} agent steps per seed after "
-            f"min_replay (host loop: {args.iteration_steps * args.repeats} steps after min_replay).\n\n"
-            + "\n".join(lines) + "\n")
+    text = section_text("Compiled trainer throughput vs a host loop (minatar-dqn, Breakout-MinAtar, 1 env per seed)",
+                        "throughput.py", argv,
+                        f"median of {args.repeats} timed iterations of {args.iteration_steps} agent steps per seed "
+                        f"after min_replay (host loop: {args.iteration_steps * args.repeats} steps after min_replay).",
+                        "\n".join(lines))
     print(text)
     if args.write:
         write_section(args.write, text, "throughput")

@@ -216,7 +216,7 @@ class TrainConfig:
     checkpoint_every: int = 10  # iterations
     # How the seeds share one compiled program. "vmap": one batched program over a seed axis (the GPU
     # design). "unroll": one copy of the per-seed program per seed, each seed in its own buffers, which on
-    # CPU keeps a seed's weights in cache and lets XLA run seeds side by side (1.46x (dense) and 1.27x
+    # CPU keeps a seed's weights in cache and lets XLA run seeds side by side (1.45x (dense) and 1.30x
     # (Soft MoE-4) the vmap throughput for 8 minatar-dqn seeds on 2 cores; BENCHMARKS.md); compile time
     # grows with the seed count. "auto": unroll on CPU, vmap on accelerators.
     seed_layout: str = "auto"

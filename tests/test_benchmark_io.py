@@ -31,3 +31,11 @@ class TestConfigs:
         moe = layer_step.make_config("impala", "softmoe", 4)
         assert (dense.width_multiplier, dense.num_experts) == (4, 1)
         assert (moe.width_multiplier, moe.num_experts) == (1, 4)
+
+
+def test_section_text_names_the_exact_command():
+    text = layer_step.section_text("Title", "throughput.py", ["--repeats", "3"], "median of 3.", "| a |")
+    lines = text.splitlines()
+    assert lines[0] == "## Title" and lines[2] == "Command: `python benchmarks/throughput.py --repeats 3`  "
+    assert lines[3].startswith("Machine: ") and lines[4].startswith("Date: ") and lines[4].endswith(", median of 3.")
+    assert lines[-1] == "| a |"

@@ -129,16 +129,22 @@ def test_every_option_lowers_its_loss_on_a_fixed_batch(name):
     assert totals[-1] < 0.9 * totals[0], totals
 
 
-def test_importance_weights_scale_the_gradient():
-    # Weights w multiply each transition's loss: all-zero weights give zero gradients, so Adam leaves the
-    # parameters exactly where they were.
+def test_importance_weights_weigh_each_transition():
+    # Weights multiply each transition's loss: all-zero weights give zero gradients (Adam leaves the parameters
+    # exactly where they were); a one-hot weight on transition 3 gives the gradient of transition 3 alone, up
+    # to the factor 1/B, which Adam's first step (lr * g / |g| with a negligible eps) removes.
     net = build_network(NetworkConfig(encoder="mlp", encoder_widths=(8,), moe="dense", hidden=8), (4,), 3)
-    agent = make_dqn(net, AgentConfig(batch_size=16))
+    agent = make_dqn(net, AgentConfig(batch_size=16, adam_eps=1e-20))
+    update = jax.jit(agent.update)
     state = agent.init(jax.random.key(0))
-    zero = fixed_batch().replace(weights=jnp.zeros(16, jnp.float32))
-    after, _ = jax.jit(agent.update)(state, zero, jax.random.key(0))
+    batch = fixed_batch()
+    after, _ = update(state, batch.replace(weights=jnp.zeros(16, jnp.float32)), jax.random.key(0))
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(after.params), strict=True):
         np.testing.assert_array_equal(a, b)
+    one_hot, _ = update(state, batch.replace(weights=jnp.zeros(16, jnp.float32).at[3].set(1.0)), jax.random.key(0))
+    alone, _ = update(state, jax.tree.map(lambda x: x[3:4], batch), jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(one_hot.params), jax.tree.leaves(alone.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_td_priority_is_the_absolute_td_error():

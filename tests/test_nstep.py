@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from moescale.replay import Transition, replay_add, replay_init
-from moescale.replay.nstep import nstep_batch, sample_indices
+from moescale.replay.nstep import nstep_batch
+from moescale.replay.uniform import sample_indices
 
 
 def steps(rewards, terminated=None, truncated=None, envs=1) -> list[Transition]:

@@ -28,7 +28,11 @@ from moescale.replay import (
     sumtree_total,
 )
 
-OBS = (3, 2)  # small observation shape for the behaviour tests
+try:  # tests/ imported as a package, or (pytest's default rootdir-less mode) as a plain directory
+    from tests.test_replay import OBS, numbered  # transitions that encode their value, shared with test_replay
+except ImportError:
+    from test_replay import OBS, numbered
+
 ALPHA = 0.6
 
 # Behaviour tests call jitted functions (one compile per shape, instead of one per primitive in eager mode);
@@ -38,21 +42,6 @@ UPDATE = jax.jit(per_update)
 SAMPLE = jax.jit(per_sample, static_argnums=2)
 SET = jax.jit(sumtree_set)
 SAMPLES = jax.jit(jax.vmap(per_sample, in_axes=(None, 0, None, None)), static_argnums=2)  # one state, many keys
-
-
-def numbered(values, obs_shape=OBS) -> Transition:
-    """A batch (E, ...) whose every field encodes its value v, so a sampled row can be traced to its add. The only
-    place that lists Transition's fields: a new field needs one line here."""
-    v = np.asarray(values, np.int32)  # (E,)
-    obs = np.broadcast_to(v.reshape(-1, *[1] * len(obs_shape)), (len(v), *obs_shape)).astype(np.float32)
-    return Transition(
-        obs=jnp.asarray(obs),
-        action=jnp.asarray(v),
-        reward=jnp.asarray(v + 0.5, jnp.float32),
-        terminated=jnp.asarray(v % 2 == 1),
-        next_obs=jnp.asarray(-obs),
-        truncated=jnp.asarray(v % 3 == 0),
-    )
 
 
 def example(obs_shape=OBS) -> Transition:

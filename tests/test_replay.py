@@ -30,7 +30,7 @@ def numbered(values, obs_shape=OBS) -> Transition:
     terminated = v odd, next_obs = -v, truncated = v % 3 == 0; so a sampled row can be traced back to the add
     that wrote it."""
     v = np.asarray(values, np.int32)  # (E,)
-    obs = np.broadcast_to(v[:, None, None], (len(v), *obs_shape)).astype(np.float32)  # (E, ...)
+    obs = np.broadcast_to(v.reshape(-1, *[1] * len(obs_shape)), (len(v), *obs_shape)).astype(np.float32)
     return Transition(
         obs=jnp.asarray(obs),
         action=jnp.asarray(v),

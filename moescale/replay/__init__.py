@@ -21,6 +21,7 @@ from moescale.replay.uniform import (
     replay_bytes,
     replay_init,
     replay_sample,
+    sample_indices,
 )
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "replay_bytes",
     "replay_init",
     "replay_sample",
+    "sample_indices",
     "sumtree_find",
     "sumtree_get",
     "sumtree_init",

@@ -35,15 +35,6 @@ class LearnBatch:
     weights: jax.Array  # (B,) float32 importance weights of the loss (ones for uniform sampling)
 
 
-def sample_indices(state: ReplayState, key: jax.Array, batch_size: int) -> jax.Array:
-    """B indices drawn uniformly with replacement from the size valid entries, (B,) int32.
-
-    Entries [0, size) are the written ones (writing starts at 0 and is contiguous). An empty buffer gives 0s.
-    """
-    checks.positive_int("batch_size", batch_size)
-    return jax.random.randint(key, (batch_size,), 0, jnp.maximum(state.size, 1), dtype=jnp.int32)
-
-
 def nstep_batch(state: ReplayState, idx: jax.Array, n: int, gamma: float, stride: int = 1) -> LearnBatch:
     """The learning batch of entries idx (B,): n-step returns with discount gamma, envs interleaved by stride."""
     checks.positive_int("n", n)

@@ -116,14 +116,21 @@ def replay_add(state: ReplayState, batch: Transition) -> ReplayState:
     return ReplayState(data=data, insert=insert.astype(jnp.int32), size=size.astype(jnp.int32))
 
 
+def sample_indices(state: ReplayState, key: jax.Array, batch_size: int) -> jax.Array:
+    """B indices drawn uniformly with replacement from the size valid entries, (B,) int32.
+
+    Entries [0, size) are the written ones (writing starts at 0 and is contiguous). An empty buffer gives 0s.
+    """
+    checks.positive_int("batch_size", batch_size)
+    return jax.random.randint(key, (batch_size,), 0, jnp.maximum(state.size, 1), dtype=jnp.int32)
+
+
 def replay_sample(state: ReplayState, key: jax.Array, batch_size: int) -> Transition:
     """B=batch_size transitions (fields (B, ...)) drawn uniformly with replacement from the size valid ones.
 
     Sampling an empty buffer (size 0) cannot raise under jit; it returns slot 0, i.e. zeros.
     """
-    checks.positive_int("batch_size", batch_size)
-    high = jnp.maximum(state.size, 1)
-    idx = jax.random.randint(key, (batch_size,), 0, high, dtype=jnp.int32)  # (B,) in [0, size)
+    idx = sample_indices(state, key, batch_size)  # (B,) in [0, size)
     return jax.tree.map(lambda stored: jnp.take(stored, idx, axis=0, mode="clip"), state.data)
 
 

@@ -25,8 +25,9 @@ from moescale.config import TrainConfig
 from moescale.envs import EnvState, JaxEnv, make_env
 from moescale.networks import Network, build_network
 from moescale.replay import ReplayState, Transition, replay_add, replay_init
-from moescale.replay.nstep import nstep_batch, sample_indices
+from moescale.replay.nstep import nstep_batch
 from moescale.replay.prioritized import PrioritizedReplayState, per_add, per_init, per_sample, per_update
+from moescale.replay.uniform import sample_indices
 
 PRIORITY_FLOOR = 1e-6
 
