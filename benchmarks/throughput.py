@@ -32,7 +32,18 @@ from host_loop import host_loop_sps  # noqa: E402
 from layer_step import section_text, write_section  # noqa: E402
 
 ARCHS = {"dense": ["network.moe=dense"], "softmoe-4": ["network.moe=softmoe", "network.num_experts=4"]}
-RUNS = ((1, "auto"), (8, "vmap"), (8, "unroll"))  # (seeds, seed_layout)
+RUNS = "1:auto,8:vmap,8:unroll"  # seeds:seed_layout, the CPU comparison; on a GPU: 1:auto,8:vmap,16:vmap
+
+
+def parse_runs(text: str) -> list[tuple[int, str]]:
+    """"1:auto,8:vmap" -> [(1, "auto"), (8, "vmap")]."""
+    runs = []
+    for item in text.split(","):
+        seeds, _, layout = item.partition(":")
+        if not seeds.isdigit() or int(seeds) < 1 or layout not in ("auto", "vmap", "unroll"):
+            raise ValueError(f"--runs: {item!r} is not SEEDS:LAYOUT with SEEDS >= 1 and LAYOUT auto|vmap|unroll")
+        runs.append((int(seeds), layout))
+    return runs
 
 
 def compiled_sps(arch: str, seeds: int, layout: str, iteration_steps: int, repeats: int) -> dict:
@@ -84,10 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--iteration-steps", type=int, default=2000, help="agent steps per seed per timing")
+    parser.add_argument("--runs", default=RUNS, help=f"compiled runs as SEEDS:LAYOUT,... (default {RUNS})")
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.iteration_steps < 4 or args.iteration_steps % 4:
         parser.error("--repeats must be >= 1 and --iteration-steps a positive multiple of 4")
+    try:
+        runs = parse_runs(args.runs)
+    except ValueError as err:
+        parser.error(str(err))
     lines = ["| layer | loop | seeds | agent steps/s (all seeds, median) | vs host loop | update-bound ceiling "
              "| compile s |", "|---|---|---|---|---|---|---|"]
     for arch in ARCHS:
@@ -95,20 +111,23 @@ def main(argv: list[str] | None = None) -> int:
         host = host_loop_sps(config, args.iteration_steps * args.repeats)
         ceiling = config.agent.update_period / (update_ms(arch) / 1e3)
         rows = [{"loop": "host loop (reference)", "arch": arch, "seeds": 1, "sps": host, "compile_s": None}]
-        rows += [compiled_sps(arch, s, layout, args.iteration_steps, args.repeats) for s, layout in RUNS]
+        rows += [compiled_sps(arch, s, layout, args.iteration_steps, args.repeats) for s, layout in runs]
         for r in rows:
             compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
             lines.append(f"| {arch} | {r['loop']} | {r['seeds']} | {r['sps']:,.0f} | {r['sps'] / host:.2f}x | "
                          f"{ceiling:,.0f} | {compile_s} |")
             print(lines[-1], flush=True)
-    text = section_text("Compiled trainer throughput vs a host loop (minatar-dqn, Breakout-MinAtar, 1 env per seed)",
-                        "throughput.py", argv,
+    title = "Compiled trainer throughput vs a host loop (minatar-dqn, Breakout-MinAtar, 1 env per seed)"
+    if jax.default_backend() != "cpu":
+        title += f", {jax.default_backend().upper()}"
+    text = section_text(title, "throughput.py", argv,
                         f"median of {args.repeats} timed iterations of {args.iteration_steps} agent steps per seed "
                         f"after min_replay (host loop: {args.iteration_steps * args.repeats} steps after min_replay).",
                         "\n".join(lines))
     print(text)
     if args.write:
-        write_section(args.write, text, "throughput")
+        backend = jax.default_backend()
+        write_section(args.write, text, "throughput" if backend == "cpu" else f"throughput-{backend}")
     return 0
 
 

@@ -39,3 +39,53 @@ def test_section_text_names_the_exact_command():
     assert lines[0] == "## Title" and lines[2] == "Command: `python benchmarks/throughput.py --repeats 3`  "
     assert lines[3].startswith("Machine: ") and lines[4].startswith("Date: ") and lines[4].endswith(", median of 3.")
     assert lines[-1] == "| a |"
+
+
+def _load(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class TestLearningTable:
+    def _run(self, root: Path, name: str, evals: dict[int, list[float]]) -> Path:
+        run = root / name
+        run.mkdir()
+        (run / "config.yaml").write_text("env: Breakout-MinAtar\nseeds: 2\nnetwork: {moe: softmoe, num_experts: 4}\n")
+        rows = ["iteration,seed,agent_steps,eval_return"]
+        for i, (steps, values) in enumerate(sorted(evals.items()), 1):
+            rows += [f"{i},{seed},{steps},{v}" for seed, v in reversed(list(enumerate(values)))]
+        (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+        return run
+
+    def test_mean_sd_per_seed_and_budgets_not_reached(self, tmp_path):
+        learning = _load("learning")
+        run = self._run(tmp_path, "a", {100: [1.0, 2.0], 200: [3.0, 5.0]})
+        assert learning.eval_at(run, 200) == [3.0, 5.0]  # seed order, whatever the file's order
+        assert learning.eval_at(run, 150) is None and learning.last_steps(run) == 200
+        (row,) = learning.table_rows([run], [200, 300])
+        # mean 4, sample sd sqrt(((3-4)^2 + (5-4)^2) / 1) = 1.414
+        assert row == ("| Breakout-MinAtar | softmoe-4 | 2 | 4.0 ± 1.4 (3.0, 5.0) | "
+                       "not reached (run ended at 200) |")
+
+    def test_parent_directories_expand_to_their_runs(self, tmp_path):
+        learning = _load("learning")
+        a, b = self._run(tmp_path, "a", {1: [0.0]}), self._run(tmp_path, "b", {1: [0.0]})
+        (tmp_path / "not-a-run").mkdir()
+        assert learning.expand_run_dirs([tmp_path]) == [a, b]
+        assert learning.expand_run_dirs([a]) == [a]
+        assert learning.trained_on([a]) == "unrecorded"
+
+
+def test_throughput_runs_parse_and_reject():
+    throughput = _load("throughput")
+    assert throughput.parse_runs("1:auto,16:vmap") == [(1, "auto"), (16, "vmap")]
+    for bad in ("0:vmap", "8:pmap", "x:auto", "8"):
+        try:
+            throughput.parse_runs(bad)
+        except ValueError as err:
+            assert repr(bad.split(",")[0]) in str(err)
+        else:
+            raise AssertionError(f"{bad!r} accepted")
