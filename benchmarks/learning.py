@@ -1,12 +1,13 @@
-"""Does it learn: minatar-dqn eval return at fixed agent-step budgets, dense vs Soft MoE-4, several seeds.
+"""Does it learn: eval return at fixed agent-step budgets, per preset, game and layer (dense vs Soft MoE-4).
 
-`run` trains every (game, layer) pair with `moescale train`, one program at a time: all seeds of a pair share
-one program, and pairs run one after another, since programs sharing one GPU slow each other down (4 such
+`run` trains every (preset, game, layer) triple with `moescale train`, one program at a time: all seeds of a
+triple share one program, and triples run one after another, since programs sharing one GPU slow each other down (4 such
 programs at once ran at 3.4k agent steps/s each on an H100, against 10k-44k for one alone).
 `table` reads the run directories' metrics.csv and prints the eval return at each budget: mean and sample
 standard deviation over seeds, then the seeds' values. A budget a run has not reached is reported as such.
 
-    python benchmarks/learning.py run --out runs/learning --steps 5000000 --seeds 3
+    python benchmarks/learning.py run --out runs/learning --steps 5000000 --seeds 3 \
+        --presets minatar-dqn,minatar-rainbow
     python benchmarks/learning.py table runs/learning/* --at 1000000,5000000 --write BENCHMARKS.md
 """
 
@@ -58,23 +59,25 @@ def table_rows(run_dirs: list[Path], budgets: list[int]) -> list[str]:
                 continue
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.1f} ± {sd:.1f} ({', '.join(f'{v:.1f}' for v in values)})")
-        rows.append(f"| {config['env']} | {layer_name(config)} | {config['seeds']} | " + " | ".join(cells) + " |")
+        rows.append(f"| {config['preset']} | {config['env']} | {layer_name(config)} | {config['seeds']} | "
+                    + " | ".join(cells) + " |")
     return rows
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from moescale.cli import main as moescale
 
-    for game in args.games.split(","):
-        for layer, flags in LAYERS.items():
-            out = args.out / f"{game}-{layer}"
-            argv = ["train", "--preset", "minatar-dqn", "--env", f"{game}-MinAtar", *flags, "--seeds",
-                    str(args.seeds), "--steps", str(args.steps), "--out", str(out)]
-            if (out / "config.yaml").exists():
-                argv = ["train", "--resume", str(out)]
-            code = moescale(argv)
-            if code:
-                return code
+    for preset in args.presets.split(","):
+        for game in args.games.split(","):
+            for layer, flags in LAYERS.items():
+                out = args.out / f"{preset}-{game}-{layer}"
+                argv = ["train", "--preset", preset, "--env", f"{game}-MinAtar", *flags, "--seeds",
+                        str(args.seeds), "--steps", str(args.steps), "--out", str(out)]
+                if (out / "config.yaml").exists():
+                    argv = ["train", "--resume", str(out)]
+                code = moescale(argv)
+                if code:
+                    return code
     return 0
 
 
@@ -102,12 +105,12 @@ def cmd_table(args: argparse.Namespace) -> int:
     from layer_step import write_section
 
     budgets = [int(s) for s in args.at.split(",")]
-    header = "| env | layer | seeds | " + " | ".join(f"eval return at {b:,} steps" for b in budgets) + " |"
-    lines = [header, "|" + "---|" * (3 + len(budgets)), *table_rows(args.run_dirs, budgets)]
+    header = "| preset | env | layer | seeds | " + " | ".join(f"eval return at {b:,} steps" for b in budgets) + " |"
+    lines = [header, "|" + "---|" * (4 + len(budgets)), *table_rows(args.run_dirs, budgets)]
     print("\n".join(lines))
     if args.write:
         command = shlex.join(["python", "benchmarks/learning.py", *args.argv])
-        text = (f"## Learning: minatar-dqn, dense vs Soft MoE-4\n\nCommand: `{command}`  \n"
+        text = (f"## Learning: eval return at fixed budgets, dense vs Soft MoE-4\n\nCommand: `{command}`  \n"
                 f"Trained on: {args.trained_on or trained_on(args.run_dirs)}  \n"
                 f"Date: {datetime.date.today().isoformat()}. Eval return of each seed at the end of the iteration "
                 "that reaches the budget (8 episodes, eps 0.001); mean ± sample standard deviation over seeds, "
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train every (game, layer) pair, one program at a time (resumes)")
     run.add_argument("--out", type=Path, required=True)
+    run.add_argument("--presets", default="minatar-dqn", help="comma list of presets")
     run.add_argument("--games", default=",".join(GAMES), help="comma list of MinAtar games")
     run.add_argument("--steps", type=int, default=5_000_000)
     run.add_argument("--seeds", type=int, default=3)

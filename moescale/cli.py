@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from moescale.config import MOE_TYPES
+from moescale.config import DATASET_MODES, MOE_TYPES
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +31,24 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--record-dataset", action="store_true",
                    help="also write every transition to RUN_DIR/dataset (offline-RL format, moescale.data)")
+    p.add_argument("--dataset", type=Path, metavar="PATH",
+                   help="train offline from a recorded dataset (e.g. RUN_DIR/dataset); --steps then counts "
+                        "training steps")
+    p.add_argument("--subset", metavar="FRACTION", help="part of the dataset to train on: 10%% or 0.1 (default all)")
+    p.add_argument("--subset-mode", choices=DATASET_MODES,
+                   help="which part: the first, the last or a uniform sample of the transitions (default first)")
+
+
+def parse_fraction(text: str) -> float:
+    """"10%" -> 0.1, "0.25" -> 0.25; ValueError naming --subset otherwise."""
+    body = text.strip()
+    try:
+        value = float(body[:-1]) / 100 if body.endswith("%") else float(body)
+    except ValueError:
+        raise ValueError(f"--subset={text!r}: must be a percentage like 10% or a fraction like 0.1") from None
+    if not 0 < value <= 1:
+        raise ValueError(f"--subset={text!r}: must be in (0%, 100%]")
+    return value
 
 
 def _build_config(args: argparse.Namespace):
@@ -52,16 +70,26 @@ def _build_config(args: argparse.Namespace):
         sets.append(f"seeds={args.seeds}")
     if args.steps is not None:
         sets.append(f"steps={args.steps}")
+    if args.dataset is not None:
+        sets.append(f"dataset={json.dumps(str(args.dataset))}")  # quoted: YAML keeps any path a string
+    if args.subset is not None:
+        sets.append(f"dataset_subset={parse_fraction(args.subset)!r}")
+    if args.subset_mode is not None:
+        sets.append(f"dataset_mode={args.subset_mode}")
     return apply_overrides(config, sets + args.set)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from moescale.envs import make_env
+    from moescale.presets import OFFLINE_PRESETS
     from moescale.train.run import RunError, train
 
     if args.resume is None and args.out is None:
         raise ValueError("--out: required (or --resume RUN_DIR)")
     config = _build_config(args)
+    if config.preset in OFFLINE_PRESETS and config.dataset is None and args.resume is None:
+        raise ValueError(f"--dataset: preset {config.preset} trains offline; give --dataset PATH (a recorded "
+                         "dataset, e.g. RUN_DIR/dataset from --record-dataset)")
     make_env(config.env, config.sticky_prob, config.max_episode_steps)  # unknown env: fail before any work
     out = args.resume if args.resume is not None else args.out
     try:
@@ -72,6 +100,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
     keys = ("env", "moe", "experts", "seeds", "agent_steps", "mean_final_eval_return", "agent_steps_per_second",
             "compile_seconds", "wall_seconds")
+    if summary["offline"] is not None:
+        keys += ("offline",)
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     return 0
 

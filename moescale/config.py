@@ -194,6 +194,7 @@ class AgentConfig:
 
 
 SEED_LAYOUTS = ("auto", "vmap", "unroll")
+DATASET_MODES = ("first", "last", "uniform")  # moescale.data.load_dataset's subset modes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +221,14 @@ class TrainConfig:
     # (Soft MoE-4) the vmap throughput for 8 minatar-dqn seeds on 2 cores; BENCHMARKS.md); compile time
     # grows with the seed count. "auto": unroll on CPU, vmap on accelerators.
     seed_layout: str = "auto"
+    # Offline training: a dataset directory (moescale.data format, e.g. written by --record-dataset). When set,
+    # no environment step is taken for training: every seed learns from the same fixed data, sampled uniformly,
+    # one update every agent.update_period training steps (as in Dopamine's fixed-replay runner), so `steps`
+    # and `iteration_steps` count training steps (num_envs plays no part). The environment only evaluates.
+    dataset: str | None = None
+    dataset_subset: float = 1.0  # fraction of the recorded seed's transitions to keep, in (0, 1]
+    dataset_mode: str = "first"  # which fraction: the first, the last, or a uniform sample (drawn with `seed`)
+    dataset_seed: int = 0  # which recorded seed's stream to load
 
     def __post_init__(self) -> None:
         for name in ("steps", "seeds", "num_envs", "iteration_steps", "eval_episodes", "eval_max_steps",
@@ -238,8 +247,25 @@ class TrainConfig:
         if self.iteration_steps % self.steps_per_loop:
             checks.fail("iteration_steps", self.iteration_steps,
                         f"must be a multiple of {self.steps_per_loop} agent steps (one acting+learning round)")
-        if self.steps < self.agent.min_replay:
+        if self.dataset is None and self.steps < self.agent.min_replay:
             checks.fail("steps", self.steps, f"must be >= agent.min_replay={self.agent.min_replay}")
+        self._check_offline()
+
+    def _check_offline(self) -> None:
+        if self.dataset is not None and (not isinstance(self.dataset, str) or not self.dataset):
+            checks.fail("dataset", self.dataset, "must be None or the path of a dataset directory")
+        if (isinstance(self.dataset_subset, bool) or not isinstance(self.dataset_subset, int | float)
+                or not 0 < self.dataset_subset <= 1):
+            checks.fail("dataset_subset", self.dataset_subset, "must be a fraction in (0, 1], e.g. 0.1 for 10%")
+        checks.choice("dataset_mode", self.dataset_mode, DATASET_MODES)
+        checks.int_at_least("dataset_seed", self.dataset_seed, 0)
+        if self.dataset is None:
+            return
+        if self.agent.prioritized:
+            checks.fail("agent.prioritized", True, "must be false with a dataset (offline data is sampled uniformly)")
+        if self.dataset_mode == "uniform" and self.dataset_subset < 1 and self.agent.n_step > 1:
+            checks.fail("dataset_mode", "uniform", f"cannot serve agent.n_step={self.agent.n_step}: a uniform "
+                        "subset keeps no consecutive steps; use first or last, or n_step=1")
 
     @property
     def steps_per_loop(self) -> int:

@@ -49,6 +49,18 @@ def _minatar_rainbow() -> TrainConfig:
                        steps=10_000_000, iteration_steps=100_000)
 
 
+def _minatar_cql(c51: bool) -> TrainConfig:
+    # Offline CQL(H) with coefficient 0.1, batch 32, an update every training step, target every 2000 (Obando-Ceron
+    # et al. 2024 appendix, offline settings): Adam 5e-5 / eps 3.125e-4 and n 1; the C51 variant 6.25e-5 / 1.5e-4
+    # and n 3. On MinAtar's network; the C51 support is the MinAtar Rainbow one (v_max 100, Revisiting Rainbow).
+    agent = AgentConfig(learning_rate=6.25e-5 if c51 else 5e-5, adam_eps=1.5e-4 if c51 else 3.125e-4, batch_size=32,
+                        update_period=1, target_update_period=2000, n_step=3 if c51 else 1, cql_alpha=0.1)
+    network = (NetworkConfig(encoder="minatar", moe="dense", head="c51", num_atoms=51, v_min=-100.0, v_max=100.0)
+               if c51 else NetworkConfig(encoder="minatar", moe="dense"))
+    return TrainConfig(env="Breakout-MinAtar", preset="minatar-cql-c51" if c51 else "minatar-cql", network=network,
+                       agent=agent, steps=1_000_000, iteration_steps=50_000)
+
+
 def _atari(preset: str, agent: AgentConfig, network: NetworkConfig, steps: int, iteration_steps: int) -> TrainConfig:
     # Atari environments come with the ALE trainer; until then these presets build and learn from
     # Atari-shaped data (84x84x4 uint8) only.
@@ -94,8 +106,15 @@ PRESETS: dict[str, tuple[str, Callable[[], TrainConfig]]] = {
                       lambda: _atari100k("atari100k-der", "none", 2000, True)),
     "atari100k-drq-eps": ("DrQ(eps) for Atari 100k: DQN with random-shift augmentation (pad 4), epsilon over "
                           "5000 steps", lambda: _atari100k("atari100k-drq-eps", "random_shift", 5000, False)),
+    "minatar-cql": ("Offline CQL on MinAtar from a recorded dataset (--dataset), 1M training steps",
+                    lambda: _minatar_cql(False)),
+    "minatar-cql-c51": ("Offline CQL+C51 on MinAtar from a recorded dataset (--dataset), n=3, 1M training steps",
+                        lambda: _minatar_cql(True)),
     "classic-dqn": ("DQN for classic control (CleanRL CartPole numbers), 500k agent steps, 10 envs", _classic_dqn),
 }
+
+
+OFFLINE_PRESETS = ("minatar-cql", "minatar-cql-c51")  # these train from a dataset only
 
 
 def get_preset(name: str) -> TrainConfig:

@@ -53,7 +53,8 @@ class TestLearningTable:
     def _run(self, root: Path, name: str, evals: dict[int, list[float]]) -> Path:
         run = root / name
         run.mkdir()
-        (run / "config.yaml").write_text("env: Breakout-MinAtar\nseeds: 2\nnetwork: {moe: softmoe, num_experts: 4}\n")
+        (run / "config.yaml").write_text("preset: minatar-dqn\nenv: Breakout-MinAtar\nseeds: 2\n"
+                                         "network: {moe: softmoe, num_experts: 4}\n")
         rows = ["iteration,seed,agent_steps,eval_return"]
         for i, (steps, values) in enumerate(sorted(evals.items()), 1):
             rows += [f"{i},{seed},{steps},{v}" for seed, v in reversed(list(enumerate(values)))]
@@ -67,7 +68,7 @@ class TestLearningTable:
         assert learning.eval_at(run, 150) is None and learning.last_steps(run) == 200
         (row,) = learning.table_rows([run], [200, 300])
         # mean 4, sample sd sqrt(((3-4)^2 + (5-4)^2) / 1) = 1.414
-        assert row == ("| Breakout-MinAtar | softmoe-4 | 2 | 4.0 ± 1.4 (3.0, 5.0) | "
+        assert row == ("| minatar-dqn | Breakout-MinAtar | softmoe-4 | 2 | 4.0 ± 1.4 (3.0, 5.0) | "
                        "not reached (run ended at 200) |")
 
     def test_parent_directories_expand_to_their_runs(self, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from moescale.data import DatasetWriter, load_dataset
 from moescale.data.dataset import FIELDS, MANIFEST
+from moescale.replay import Transition
 
 PROTOCOL = {"env": "Breakout-MinAtar", "suite": "MinAtar", "num_actions": 3, "obs_shape": [10, 10, 4]}
 
@@ -245,3 +246,22 @@ def test_writer_refuses_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"^source='dict': must be JSON-able \(Object of type set"):
         DatasetWriter(tmp_path / "y", "Breakout-MinAtar", PROTOCOL, (10, 10, 4), bool, 3, 1, {"a": {1, 2}})
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+class TestEpisodeReturns:
+    def _data(self, reward, terminated, truncated):
+        n = len(reward)
+        return Transition(obs=np.zeros((n, 1)), action=np.zeros(n, np.int32), reward=np.asarray(reward, np.float32),
+                          terminated=np.asarray(terminated, bool), next_obs=np.zeros((n, 1)),
+                          truncated=np.asarray(truncated, bool))
+
+    def test_hand_cases(self):
+        from moescale.data import episode_returns
+
+        # one env: 1+2+3 ends by termination, 4+5 by truncation, 6 is unfinished and left out
+        data = self._data([1, 2, 3, 4, 5, 6], [0, 0, 1, 0, 0, 0], [0, 0, 0, 0, 1, 0])
+        np.testing.assert_array_equal(episode_returns(data), [6, 15])
+        np.testing.assert_array_equal(episode_returns(data, skip_first=True), [15])
+        # two interleaved envs: env 0 has rows 0, 2, 4 (1, 3 | 5), env 1 rows 1, 3, 5 and never ends
+        np.testing.assert_array_equal(episode_returns(data, stride=2), [4, 5])
+        assert episode_returns(self._data([1.0], [0], [0])).size == 0

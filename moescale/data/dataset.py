@@ -405,3 +405,23 @@ def load_dataset(
     manifest["loaded"] = {"seed": seed, "subset": subset, "mode": mode, "rng_seed": rng_seed,
                           "num_transitions": int(n), "contiguous": start is not None, "start": start}  # fmt: skip
     return data, manifest
+
+
+def episode_returns(data: Transition, stride: int = 1, skip_first: bool = False) -> np.ndarray:
+    """Returns of the episodes that end within contiguous, time-ordered rows (E = stride interleaved envs).
+
+    Row i belongs to environment i % stride, and rows i, i + stride, ... are its consecutive steps. An episode
+    counts when a row with terminated or truncated ends it; the steps after an environment's last ending are an
+    unfinished episode and are left out. skip_first also leaves out each environment's first ending episode, for
+    rows that start mid-episode (a "last" subset), whose earlier rewards are not in the data.
+    """
+    checks.positive_int("stride", stride)
+    reward = np.asarray(data.reward, np.float64)
+    ended = np.asarray(data.terminated) | np.asarray(data.truncated)
+    returns = []
+    for env in range(stride):
+        r, e = reward[env::stride], ended[env::stride]
+        ends = np.flatnonzero(e)
+        sums = np.add.reduceat(r, np.concatenate([[0], ends[:-1] + 1])) if len(ends) else np.zeros(0)
+        returns.append(sums[1:] if skip_first else sums)
+    return np.concatenate(returns) if returns else np.zeros(0)

@@ -8,6 +8,10 @@ replay, then U = max(1, E / update_period) gradient updates once min_replay agen
 the replay ratio (updates per agent step) is 1 / update_period whatever E is. Every seed takes the same
 number of steps, so the step counter is shared and "learning started" / "sync the target" are real branches
 (lax.cond), not selects that would run the update for nothing.
+
+Offline (config.dataset set): no environment is stepped to train. A round is update_period training steps and
+one update on a batch sampled uniformly from the fixed dataset, which all seeds share: it is an input of the
+compiled program (Trainer.inputs), held once on the device and never part of a seed's state or checkpoint.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ from typing import Any, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from moescale import checks
 from moescale.agents import Agent, DQNState, epsilon_schedule, make_dqn, priority_beta
 from moescale.config import TrainConfig
+from moescale.data import episode_returns, load_dataset
 from moescale.envs import EnvState, JaxEnv, make_env
 from moescale.networks import Network, build_network
 from moescale.replay import ReplayState, Transition, replay_add, replay_init
@@ -37,9 +44,9 @@ class SeedState:
     """Everything one seed carries from iteration to iteration."""
 
     agent: DQNState
-    replay: ReplayState | PrioritizedReplayState
-    env_state: EnvState  # (E,)
-    obs: jax.Array  # (E, *obs)
+    replay: ReplayState | PrioritizedReplayState | None  # None offline: the dataset is Trainer.inputs
+    env_state: EnvState | None  # (E,); None offline
+    obs: jax.Array | None  # (E, *obs); None offline
     key: jax.Array
 
 
@@ -74,11 +81,50 @@ class EvalCarry(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
+class OfflineData:
+    """A loaded dataset as the offline program takes it: a full ReplayState, its env stride and a description."""
+
+    replay: ReplayState  # data (T, ...), insert 0, size T: nstep_batch stops at the last loaded row
+    stride: int  # rows i and i + stride are consecutive steps of one environment (1 for a uniform subset)
+    info: dict[str, Any]  # what was loaded, for the summary
+
+
+def load_offline(config: TrainConfig) -> OfflineData:
+    """Load config.dataset as config asks (subset, mode, recorded seed); ValueError names any problem."""
+    subset = None if config.dataset_subset == 1 else config.dataset_subset
+    try:
+        data, manifest = load_dataset(config.dataset, env_name=config.env, subset=subset, mode=config.dataset_mode,
+                                      seed=config.dataset_seed, rng_seed=config.seed)
+    except ValueError as err:  # name the config field the problem came in through
+        raise ValueError(f"dataset: {err}") from None
+    env = make_env(config.env, config.sticky_prob, config.max_episode_steps)
+    if (tuple(manifest["obs_shape"]) != tuple(env.obs_shape) or np.dtype(manifest["obs_dtype"]) != env.obs_dtype
+            or manifest["num_actions"] != env.num_actions):
+        checks.fail("dataset", config.dataset, f"holds observations {tuple(manifest['obs_shape'])} "
+                    f"{manifest['obs_dtype']} and {manifest['num_actions']} actions; {config.env} has "
+                    f"{tuple(env.obs_shape)} {np.dtype(env.obs_dtype).name} and {env.num_actions}")
+    loaded = manifest["loaded"]
+    stride = manifest["num_envs"] if loaded["contiguous"] else 1
+    num = loaded["num_transitions"]
+    returns = (episode_returns(data, stride, skip_first=bool(loaded["start"])) if loaded["contiguous"]
+               else np.zeros(0))
+    info = {"path": str(config.dataset), "env": manifest["env_name"], "recorded_seed": config.dataset_seed,
+            "subset": config.dataset_subset, "mode": config.dataset_mode, "transitions": num,
+            "bytes": int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(data))),
+            # The behaviour policy's return: mean over the episodes that start and end in the loaded rows.
+            "behaviour_episodes": int(returns.size),
+            "behaviour_return": float(returns.mean()) if returns.size else None}
+    replay = ReplayState(data=jax.tree.map(jnp.asarray, data), insert=jnp.int32(0), size=jnp.int32(num))
+    return OfflineData(replay, stride, info)
+
+
+@dataclasses.dataclass(frozen=True)
 class Trainer:
     """Compiled pieces of one run: init(keys) -> states, iterate(states, step) -> (states, metrics).
 
     `states` are in the run's seed layout (see SeedLayout); layout.stack(states) gives the stacked form
     (leaves (S, ...)) that checkpoints store, layout.unstack the way back. Metrics are always stacked (S,).
+    iterate takes `inputs` after the step: () online, (dataset ReplayState,) offline.
     """
 
     config: TrainConfig
@@ -87,13 +133,20 @@ class Trainer:
     agent: Agent
     layout: SeedLayout
     init: Callable[[jax.Array], Any]
-    iterate: Callable[[Any, jax.Array], tuple[Any, dict[str, jax.Array]]]
+    iterate: Callable[..., tuple[Any, dict[str, jax.Array]]]  # (states, step, *inputs)
     example: Transition  # one transition's shapes and dtypes (jax.ShapeDtypeStruct leaves)
-    replay_bytes: int  # one seed's replay buffer (and sum tree when prioritized)
+    replay_bytes: int  # one seed's replay buffer (and sum tree when prioritized); offline: the shared dataset
+    inputs: tuple = ()  # further arguments of iterate: (dataset ReplayState,) offline
+    offline: dict[str, Any] | None = None  # OfflineData.info of an offline run
 
 
-def make_trainer(config: TrainConfig) -> Trainer:
-    """Build the environment, network and agent of a run and compile-ready init / iterate functions."""
+def make_trainer(config: TrainConfig, offline: OfflineData | None = None) -> Trainer:
+    """Build the environment, network and agent of a run and compile-ready init / iterate functions.
+
+    offline: the loaded dataset of an offline run (config.dataset set); loaded here when not given.
+    """
+    if config.dataset is not None and offline is None:
+        offline = load_offline(config)
     env = make_env(config.env, config.sticky_prob, config.max_episode_steps)
     network = build_network(config.network, env.obs_shape, env.num_actions, env.obs_dtype)
     agent = make_dqn(network, config.agent)
@@ -116,6 +169,8 @@ def make_trainer(config: TrainConfig) -> Trainer:
 
     def init_seed(key: jax.Array) -> SeedState:
         key_agent, key_env, key_next = jax.random.split(key, 3)
+        if offline is not None:
+            return SeedState(agent.init(key_agent), None, None, None, key_next)
         obs, env_state = jax.vmap(env.reset)(jax.random.split(key_env, num_envs))
         return SeedState(agent.init(key_agent), make_replay(), env_state, obs, key_next)
 
@@ -150,6 +205,25 @@ def make_trainer(config: TrainConfig) -> Trainer:
     def sync_seed(seed: SeedState, stats: None) -> tuple[SeedState, None]:
         return seed.replace(agent=agent.sync_target(seed.agent)), stats
 
+    def sync_if_crossed(seeds: Any, step: jax.Array, new_step: jax.Array) -> Any:
+        crossed = new_step // acfg.target_update_period > step // acfg.target_update_period
+        return jax.lax.cond(crossed, lambda s: over_seeds(sync_seed, s, None)[0], lambda s: s, seeds)
+
+    def learn_offline(seed: SeedState, stats: RoundStats, data: ReplayState) -> tuple[SeedState, RoundStats]:
+        key, key_sample, key_update = jax.random.split(seed.key, 3)
+        idx = sample_indices(data, key_sample, acfg.batch_size)
+        batch = nstep_batch(data, idx, acfg.n_step, acfg.gamma, offline.stride)
+        agent_state, m = agent.update(seed.agent, batch, key_update)
+        stats = stats.replace(loss=stats.loss + m["loss"], mean_q=stats.mean_q + m["mean_q"],
+                              updates=stats.updates + 1)
+        return seed.replace(agent=agent_state, key=key), stats
+
+    def offline_round(carry: RoundCarry, data: ReplayState) -> RoundCarry:
+        seeds, stats, step = carry
+        seeds, stats = over_seeds(learn_offline, seeds, stats, data)
+        new_step = step + acfg.update_period
+        return RoundCarry(sync_if_crossed(seeds, step, new_step), stats, new_step)
+
     def one_round(carry: RoundCarry, _: None) -> tuple[RoundCarry, None]:
         seeds, stats, step = carry
 
@@ -161,9 +235,7 @@ def make_trainer(config: TrainConfig) -> Trainer:
         new_step = step + config.steps_per_loop
         seeds, stats = jax.lax.cond(new_step >= acfg.min_replay, lambda s, t: over_seeds(learn, s, t, new_step),
                                     lambda s, t: (s, t), seeds, stats)
-        crossed = new_step // acfg.target_update_period > step // acfg.target_update_period
-        seeds = jax.lax.cond(crossed, lambda s: over_seeds(sync_seed, s, None)[0], lambda s: s, seeds)
-        return RoundCarry(seeds, stats, new_step), None
+        return RoundCarry(sync_if_crossed(seeds, step, new_step), stats, new_step), None
 
     def evaluate(params: Any, key: jax.Array) -> jax.Array:
         """Mean return of eval_episodes episodes at eps_eval, each capped at eval_max_steps."""
@@ -203,15 +275,24 @@ def make_trainer(config: TrainConfig) -> Trainer:
     def zero_stats(seed: SeedState, _: None) -> tuple[SeedState, RoundStats]:
         return seed, RoundStats(*(jnp.zeros(()) for _ in range(5)))
 
-    def iterate(seeds: Any, step: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+    def iterate(seeds: Any, step: jax.Array, *inputs: Any) -> tuple[Any, dict[str, jax.Array]]:
         seeds, zeros = over_seeds(zero_stats, seeds, None)
-        (seeds, stats, _), _ = jax.lax.scan(one_round, RoundCarry(seeds, zeros, step), None, length=rounds)
+        carry = RoundCarry(seeds, zeros, step)
+        if offline is None:
+            (seeds, stats, _), _ = jax.lax.scan(one_round, carry, None, length=rounds)
+        else:
+            offline_rounds = config.iteration_steps // acfg.update_period
+            seeds, stats, _ = jax.lax.fori_loop(0, offline_rounds, lambda _, c: offline_round(c, *inputs), carry)
         seeds, metrics = over_seeds(finish, seeds, stats)
         return seeds, layout.stack(metrics)
 
-    replay_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(make_replay)))
+    if offline is None:
+        replay_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(make_replay)))
+        inputs, info = (), None
+    else:
+        replay_bytes, inputs, info = offline.info["bytes"], (offline.replay,), offline.info
     return Trainer(config, env, network, agent, layout, lambda keys: layout.init(init_seed, keys),
-                   jax.jit(iterate, donate_argnums=0), example, replay_bytes)
+                   jax.jit(iterate, donate_argnums=0), example, replay_bytes, inputs, info)
 
 
 class SeedLayout(NamedTuple):

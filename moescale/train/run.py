@@ -31,7 +31,7 @@ from tqdm import tqdm
 from moescale.config import TrainConfig
 from moescale.data import DatasetWriter
 from moescale.replay import PrioritizedReplayState, Transition
-from moescale.train.anakin import make_trainer, seed_keys
+from moescale.train.anakin import load_offline, make_trainer, seed_keys
 from moescale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 ROW_FIELDS = ("iteration", "seed", "agent_steps", "episodes", "train_return", "eval_return", "loss", "mean_q",
@@ -126,17 +126,25 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
 
     record_dataset: also write every transition the run collects to out/dataset (moescale.data format),
     one chunk per seed per iteration, closed when the run finishes.
+    An offline run (config.dataset set) loads its dataset before the run directory is touched, so a bad
+    dataset (ValueError) leaves nothing behind.
     """
     out = Path(out)
     if record_dataset:
         if resume:
             raise RunError("--record-dataset: cannot be combined with --resume (a recording is written in one go)")
+        if config.dataset is not None:
+            raise RunError("--record-dataset: an offline run (--dataset) collects no transitions to record")
         if config.agent.replay_capacity < config.iteration_steps:
             raise RunError(f"--record-dataset: agent.replay_capacity={config.agent.replay_capacity} must hold "
                            f"one iteration (iteration_steps={config.iteration_steps})")
-    config = prepare_run_dir(config, out, resume, force)
+    if resume:
+        config = prepare_run_dir(config, out, resume, force)
+    offline = load_offline(config) if config.dataset is not None else None
+    if not resume:
+        config = prepare_run_dir(config, out, resume, force)
     t_start = time.perf_counter()
-    trainer = make_trainer(config)
+    trainer = make_trainer(config, offline)
     states = trainer.init(seed_keys(config))
     writer = newest = None
     if record_dataset:
@@ -156,14 +164,14 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
     episodes = {r["seed"]: r["episodes"] for r in rows if r["iteration"] == iteration}  # cumulative, per seed
 
     t0 = time.perf_counter()
-    compiled = trainer.iterate.lower(states, jnp.int32(step)).compile()
+    compiled = trainer.iterate.lower(states, jnp.int32(step), *trainer.inputs).compile()
     compile_seconds = time.perf_counter() - t0
     run_seconds, steps_run = 0.0, 0
     bar = tqdm(total=config.iterations, initial=iteration, disable=not progress, unit="it",
                desc=f"{config.env} {config.network.moe}")
     while iteration < config.iterations:
         t_iter = time.perf_counter()
-        states, metrics = compiled(states, jnp.int32(step))
+        states, metrics = compiled(states, jnp.int32(step), *trainer.inputs)
         metrics = jax.device_get(metrics)
         elapsed = time.perf_counter() - t_iter
         run_seconds += elapsed
@@ -222,7 +230,8 @@ def _summary(config: TrainConfig, trainer: Any, rows: list[dict], compile_second
         "seed_layout": trainer.layout.name,
         "params": trainer.network.info.params,
         "forward_flops": trainer.network.info.forward_flops,
-        "replay_bytes_per_seed": trainer.replay_bytes,
+        "replay_bytes_per_seed": trainer.replay_bytes,  # offline: the dataset, held once for all seeds
+        "offline": trainer.offline,  # None, or the dataset loaded: path, subset, transitions, behaviour return
         "protocol": trainer.env.protocol(),
         "versions": versions(),
         "device": device_name(),
