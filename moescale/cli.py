@@ -1,4 +1,4 @@
-"""moescale command line: `moescale train ...`, `moescale presets`.
+"""moescale command line: `moescale train ...`, `moescale presets`, `moescale study SPEC`, `moescale results DIR`.
 
 Bad input exits with code 2 and a one-line message; nothing in an existing run directory is overwritten
 unless --resume or --force says so.
@@ -115,14 +115,50 @@ def cmd_presets(_: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from moescale.study.runner import format_plan, plan, prepare_study_dir, run_study
+    from moescale.study.spec import load_spec
+
+    spec = load_spec(args.spec)
+    if args.dry_run:
+        if (args.out / "study.json").exists():
+            prepare_study_dir(spec, args.out)  # only checks that the directory holds this spec
+        print(format_plan(plan(spec, args.out if (args.out / "study.json").exists() else None)))
+        return 0
+    statuses = run_study(spec, args.out, progress=not args.no_progress, retry_failed=args.retry_failed)
+    failed = [name for name, status in statuses.items() if status == "failed"]
+    print(f"{len(statuses) - len(failed)} of {len(statuses)} run groups done; results in "
+          f"{args.out / 'results.parquet'}")
+    for name in failed:
+        error = json.loads((args.out / "runs" / name / "error.json").read_text())["error"]
+        print(f"failed: {name}: {error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from moescale.study.results import format_results
+
+    print(format_results(args.study))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moescale", description="MoE parameter scaling for value-based deep RL")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     sub.add_parser("presets", help="list presets, one line each")
+    study = sub.add_parser("study", help="run a grid of runs from a spec (see moescale/study/spec.py)")
+    study.add_argument("spec", type=Path, help="study spec, YAML")
+    study.add_argument("--out", type=Path, required=True, help="study directory (resumed when it holds this spec)")
+    study.add_argument("--dry-run", action="store_true", help="print the plan and an estimated time; run nothing")
+    study.add_argument("--retry-failed", action="store_true", help="run failed run groups again")
+    study.add_argument("--no-progress", action="store_true", help="no progress bars")
+    results = sub.add_parser("results", help="print a study's results and rebuild results.parquet")
+    results.add_argument("study", type=Path, help="study directory")
     args = parser.parse_args(argv)
     try:
-        return {"train": cmd_train, "presets": cmd_presets}[args.command](args)
+        return {"train": cmd_train, "presets": cmd_presets, "study": cmd_study,
+                "results": cmd_results}[args.command](args)
     except ValueError as e:
         print(f"moescale {args.command}: {e}", file=sys.stderr)
         return 2

@@ -81,6 +81,12 @@ def _unknown_env(name: Any) -> None:
     checks.fail("env", name, f"unknown environment; {hint}valid: " + ", ".join(repr(n) for n in ENV_NAMES))
 
 
+def check_env_name(name: Any) -> None:
+    """ValueError (naming `env` and the closest valid name) unless `name` is a supported environment."""
+    if name not in ENV_NAMES:
+        _unknown_env(name)
+
+
 def _check_sticky_prob(value: Any) -> None:
     """Check sticky_prob is a real number in [0, 1)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:

@@ -1,0 +1,1 @@
+"""Scaling studies: specs, runs, results, statistics, scaling laws and reports."""

@@ -1,0 +1,171 @@
+"""Running a study: the study directory, the plan (--dry-run), and the local executor.
+
+A study directory holds:
+
+    spec.yaml          the spec as given (a copy)
+    study.json         name, the spec's fingerprint and the run groups' names, in grid order
+    runs/<group>/      one `moescale train` run directory per run group (config.yaml, metrics, checkpoints,
+                       summary.json once finished), plus error.json if the run failed
+    results.parquet    the results table (moescale.study.results), rebuilt after every run group
+
+Running again resumes: finished groups are skipped, interrupted ones resume from their last checkpoint,
+failed ones are skipped (their error.json says why; --retry-failed runs them again). A group that fails
+(an exception, a non-finite loss) is recorded and the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from moescale import checks
+from moescale.study.spec import RunGroup, StudySpec
+
+STATUSES = ("pending", "started", "interrupted", "failed", "done")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def group_status(run_dir: Path) -> str:
+    """pending (never started), started (no checkpoint yet), interrupted (resumable), failed, or done."""
+    from moescale.train.checkpoint import latest_checkpoint
+
+    if (run_dir / "summary.json").exists():
+        return "done"
+    if (run_dir / "error.json").exists():
+        return "failed"
+    if (run_dir / "config.yaml").exists() and latest_checkpoint(run_dir / "checkpoints") is not None:
+        return "interrupted"
+    return "started" if run_dir.exists() else "pending"
+
+
+def prepare_study_dir(spec: StudySpec, out: Path) -> None:
+    """Create the study directory, or check that an existing one holds this very spec (nothing is touched if not)."""
+    record = out / "study.json"
+    if record.exists():
+        old = json.loads(record.read_text())
+        if old.get("fingerprint") != spec.fingerprint():
+            checks.fail("--out", str(out), f"holds study {old.get('name')!r} of a different spec; give another --out "
+                        "or the spec it was run with (spec.yaml there)")
+        return
+    if out.exists() and any(out.iterdir()):
+        checks.fail("--out", str(out), "holds other files, not a study; give an empty or new directory")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "spec.yaml", yaml.safe_dump(spec.raw, sort_keys=False))
+    _write_atomic(record, json.dumps({"name": spec.name, "fingerprint": spec.fingerprint(),
+                                      "groups": [g.name for g in spec.groups]}, indent=2))
+
+
+def update_seconds(group: RunGroup, repeats: int = 5) -> float:
+    """Median time of one jitted update of the group's agent (its network and batch) on this machine."""
+    import jax
+    import jax.numpy as jnp
+
+    from moescale.replay import replay_init
+    from moescale.replay.nstep import nstep_batch
+    from moescale.train.anakin import make_trainer
+
+    config = group.config
+    if config.dataset is not None:  # the plan needs no data: time the update on zeros of the env's shapes
+        import dataclasses
+        config = dataclasses.replace(config, dataset=None)
+    trainer = make_trainer(config)
+    state = trainer.agent.init(jax.random.key(0))
+    idx = jnp.arange(config.agent.batch_size) % 10
+    batch = nstep_batch(replay_init(10, trainer.example), idx, 1, config.agent.gamma)
+    update = jax.jit(trainer.agent.update)
+    key = jax.random.key(1)
+    state, _ = update(state, batch, key)
+    times = []
+    for _ in range(repeats):
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        state, _ = update(state, batch, key)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def plan(spec: StudySpec, out: Path | None = None, measure: bool = True) -> list[dict[str, Any]]:
+    """One row per run group: its grid point, seeds, parameters, agent steps, status and an estimated time.
+
+    The estimate is the group's gradient updates (seeds x steps / update_period) times one measured jitted
+    update on this machine: a floor on CPU, where the update dominates, leaving out acting, evaluation and
+    compilation (about 20 s per group).
+    """
+    from moescale.envs import make_env
+    from moescale.networks import build_network
+
+    rows = []
+    for group in spec.groups:
+        config = group.config
+        env = make_env(config.env, config.sticky_prob, config.max_episode_steps)
+        info = build_network(config.network, env.obs_shape, env.num_actions, env.obs_dtype).info
+        updates = config.seeds * config.iterations * config.iteration_steps // config.agent.update_period
+        row = {"group": group.name, **group.point, "seeds": config.seeds, "params": info.params["total"],
+               "agent_steps": config.seeds * config.iterations * config.iteration_steps,
+               "status": group_status(out / "runs" / group.name) if out is not None else "pending"}
+        row["estimate_s"] = updates * update_seconds(group) if measure else None
+        rows.append(row)
+    return rows
+
+
+def format_plan(rows: list[dict[str, Any]]) -> str:
+    """The plan as a text table plus a total line."""
+    cols = ["group", "seeds", "params", "agent_steps", "status", "estimate_s"]
+    cells = [[str(r["group"]), str(r["seeds"]), f"{r['params']:,}", f"{r['agent_steps']:,}", r["status"],
+              "-" if r["estimate_s"] is None else f"{r['estimate_s']:,.0f}"] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    todo = [r for r in rows if r["status"] != "done"]
+    total = sum(r["estimate_s"] or 0 for r in todo)
+    lines.append(f"{len(rows)} run groups ({len(todo)} to run), {sum(r['agent_steps'] for r in rows):,} agent steps; "
+                 f"estimated {total / 60:,.1f} min to run (updates x measured update time; acting, evaluation "
+                 "and compilation not included)")
+    return "\n".join(lines)
+
+
+def run_group(group: RunGroup, run_dir: Path, progress: bool) -> str:
+    """Run (or resume) one group; on failure write error.json and return "failed", else "done"."""
+    from moescale.train.run import train
+
+    status = group_status(run_dir)
+    if status in ("done", "failed"):
+        return status
+    try:
+        train(group.config, run_dir, resume=status == "interrupted", force=status == "started", progress=progress)
+    except Exception as err:  # noqa: BLE001 - any failure is recorded and the study goes on
+        run_dir.mkdir(parents=True, exist_ok=True)  # a run can fail before it made its directory
+        _write_atomic(run_dir / "error.json", json.dumps({
+            "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}, indent=2))
+        return "failed"
+    return "done"
+
+
+def run_study(spec: StudySpec, out: Path, progress: bool = True, retry_failed: bool = False) -> dict[str, str]:
+    """Run every group not yet done, one after another in this process; returns each group's final status."""
+    from moescale.study.results import write_results
+
+    prepare_study_dir(spec, out)
+    statuses = {}
+    bar = tqdm(spec.groups, disable=not progress, unit="run", desc=f"study {spec.name}")
+    for group in bar:
+        run_dir = out / "runs" / group.name
+        if retry_failed and (run_dir / "error.json").exists():
+            (run_dir / "error.json").unlink()
+        bar.set_postfix_str(group.name)
+        statuses[group.name] = run_group(group, run_dir, progress)
+        write_results(out)
+    return statuses

@@ -1,0 +1,185 @@
+"""Study specs: a YAML grid over presets x environments x penultimate layers x sizes x tokenizers x sweeps,
+expanded into run groups. A run group is one `moescale train` run: every seed of it shares one compiled program.
+
+    name: demo                       # optional, for reports
+    presets: [minatar-dqn]           # or `preset: minatar-dqn`
+    envs: [Breakout-MinAtar]
+    layers:                          # each entry: a layer type and the sizes to try
+      - {moe: dense, widths: [1, 2]}           # dense scales its width
+      - {moe: softmoe, experts: [1, 2, 4]}     # MoE layers scale their number of experts
+    tokenizers: [per_conv]           # optional; a layer entry may give its own `tokenizers`
+    seeds: 2                         # seeds per run group, trained in one program
+    steps: 40000                     # agent steps per seed
+    set: {iteration_steps: 10000}    # optional overrides (dotted keys) for every run
+    sweep: {agent.learning_rate: [1e-4, 2.5e-4]}   # optional: the grid also crosses these values
+
+Every run group's config is built and validated while the spec is read, so a bad value or an impossible
+combination stops the study before anything runs, with a one-line ValueError naming the spec field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moescale import checks
+from moescale.config import MOE_TYPES, TrainConfig
+from moescale.envs.jax_envs import check_env_name
+from moescale.layers.tokenize import TOKENIZERS
+from moescale.presets import apply_overrides, get_preset
+
+SPEC_KEYS = ("name", "preset", "presets", "envs", "layers", "tokenizers", "seeds", "steps", "set", "sweep")
+LAYER_KEYS = ("moe", "widths", "experts", "tokenizers", "set")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunGroup:
+    """One run of the study (all its seeds in one program): a name, the grid point, and the resolved config."""
+
+    name: str
+    point: dict[str, Any]  # preset, env, moe, size, tokenizer and sweep values: the grid coordinates
+    config: TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySpec:
+    """A parsed spec: its raw mapping (as written) and the run groups it expands to, in grid order."""
+
+    raw: dict[str, Any]
+    groups: tuple[RunGroup, ...]
+
+    @property
+    def name(self) -> str:
+        return str(self.raw.get("name", "study"))
+
+    def fingerprint(self) -> str:
+        """A digest of what the spec asks for (its mapping, keys sorted): equal specs give equal digests."""
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _unknown(field: str, key: str, allowed: tuple[str, ...]) -> None:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    checks.fail(field, key, f"unknown field; {hint}allowed: {', '.join(allowed)}")
+
+
+def _non_empty_list(field: str, value: Any) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        checks.fail(field, value, "must be a non-empty list")
+    return value
+
+
+def _slug(value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text)
+
+
+def _layer_points(index: int, layer: Any, default_tokenizers: list[Any]) -> list[dict[str, Any]]:
+    field = f"layers[{index}]"
+    if not isinstance(layer, dict):
+        checks.fail(field, layer, "must be a mapping like {moe: softmoe, experts: [1, 2, 4]}")
+    for key in layer:
+        if key not in LAYER_KEYS:
+            _unknown(f"{field}.{key}", key, LAYER_KEYS)
+    moe = layer.get("moe")
+    checks.choice(f"{field}.moe", moe, MOE_TYPES)
+    size_key, wrong_key = ("widths", "experts") if moe == "dense" else ("experts", "widths")
+    if wrong_key in layer:
+        what = "its width (widths)" if moe == "dense" else "its number of experts (experts)"
+        checks.fail(f"{field}.{wrong_key}", layer[wrong_key], f"{moe} scales {what}, not {wrong_key}")
+    sizes = _non_empty_list(f"{field}.{size_key}", layer.get(size_key, [1]))
+    checks.positive_ints(f"{field}.{size_key}", sizes)
+    tokenizers = _non_empty_list(f"{field}.tokenizers", layer.get("tokenizers", default_tokenizers))
+    for t in tokenizers:
+        if t is not None:
+            checks.choice(f"{field}.tokenizers", t, TOKENIZERS)
+    extra = layer.get("set", {})
+    if not isinstance(extra, dict):
+        checks.fail(f"{field}.set", extra, "must be a mapping of dotted config keys to values")
+    return [{"moe": moe, "size": size, "tokenizer": tok, "layer_set": extra}
+            for size, tok in itertools.product(sizes, tokenizers)]
+
+
+def _overrides(mapping: dict[str, Any]) -> list[str]:
+    # json.dumps writes valid YAML for numbers, booleans, null, strings and lists
+    return [f"{key}={json.dumps(value)}" for key, value in mapping.items()]
+
+
+def parse_spec(raw: Any) -> StudySpec:
+    """Validate a spec mapping and expand it into run groups (see the module docstring)."""
+    if not isinstance(raw, dict) or not raw:
+        checks.fail("spec", raw, "must be a non-empty mapping (see `moescale study --help`)")
+    for key in raw:
+        if key not in SPEC_KEYS:
+            _unknown(f"spec.{key}", key, SPEC_KEYS)
+    if ("preset" in raw) == ("presets" in raw):
+        checks.fail("spec.presets", raw.get("presets"), "give exactly one of `preset: NAME` or `presets: [NAMES]`")
+    presets = [raw["preset"]] if "preset" in raw else _non_empty_list("spec.presets", raw["presets"])
+    envs = _non_empty_list("spec.envs", raw.get("envs"))
+    for env in envs:
+        try:
+            check_env_name(env)
+        except ValueError as err:
+            raise ValueError(f"spec.envs: {err}") from None
+    tokenizers = _non_empty_list("spec.tokenizers", raw.get("tokenizers", [None]))
+    layers = _non_empty_list("spec.layers", raw.get("layers"))
+    layer_points = [p for i, layer in enumerate(layers) for p in _layer_points(i, layer, tokenizers)]
+    seeds, steps = raw.get("seeds", 1), raw.get("steps")
+    checks.positive_int("spec.seeds", seeds)
+    if steps is not None:
+        checks.positive_int("spec.steps", steps)
+    common = raw.get("set", {}) or {}
+    sweep = raw.get("sweep", {}) or {}
+    for field, mapping in (("spec.set", common), ("spec.sweep", sweep)):
+        if not isinstance(mapping, dict):
+            checks.fail(field, mapping, "must be a mapping of dotted config keys to values")
+    for key, values in sweep.items():
+        _non_empty_list(f"spec.sweep.{key}", values)
+    sweep_points = [dict(zip(sweep, combo, strict=True)) for combo in itertools.product(*sweep.values())]
+
+    groups, names = [], set()
+    for preset, env, layer, swept in itertools.product(presets, envs, layer_points, sweep_points):
+        sets = [f"env={json.dumps(env)}", f"seeds={seeds}"] + ([f"steps={steps}"] if steps is not None else [])
+        sets += _overrides(common) + _overrides(layer["layer_set"])
+        if layer["moe"] == "dense":
+            sets += ["network.moe=dense", "network.num_experts=1", f"network.width_multiplier={layer['size']}"]
+        else:
+            sets += [f"network.moe={layer['moe']}", "network.width_multiplier=1",
+                     f"network.num_experts={layer['size']}"]
+        if layer["tokenizer"] is not None:
+            sets.append(f"network.tokenizer={layer['tokenizer']}")
+        sets += _overrides(swept)
+        point = {"preset": preset, "env": env, "moe": layer["moe"], "size": layer["size"],
+                 "tokenizer": layer["tokenizer"], **swept}
+        try:
+            config = apply_overrides(get_preset(preset), sets)
+        except ValueError as err:
+            raise ValueError(f"spec: run {point} is impossible: {err}") from None
+        parts = [preset, env, f"{layer['moe']}-{layer['size']}"]
+        parts += [layer["tokenizer"]] if layer["tokenizer"] is not None else []
+        parts += [f"{key.split('.')[-1]}-{_slug(value)}" for key, value in swept.items()]
+        name = "__".join(_slug(p) for p in parts)
+        if name in names:  # the same grid point twice (e.g. a size listed twice)
+            checks.fail("spec", name, "lists the same run twice")
+        names.add(name)
+        groups.append(RunGroup(name, point, config))
+    return StudySpec(raw, tuple(groups))
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and parse a spec file; a missing or unreadable file is a ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        checks.fail("spec", str(path), "no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        checks.fail("spec", str(path), f"is not valid YAML ({str(err).splitlines()[0]})")
+    return parse_spec(raw)

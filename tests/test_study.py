@@ -1,0 +1,181 @@
+"""Study specs, the local executor and the results store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from moescale.cli import main
+from moescale.study.results import collect, format_results
+from moescale.study.runner import group_status, run_study
+from moescale.study.spec import load_spec, parse_spec
+
+BASE = {"preset": "minatar-dqn", "envs": ["Breakout-MinAtar"], "layers": [{"moe": "softmoe", "experts": [2]}]}
+
+
+def spec(**changes):
+    return parse_spec({**BASE, **changes})
+
+
+class TestSpec:
+    def test_grid_expands_in_order_with_resolved_configs(self):
+        raw = {"presets": ["minatar-dqn", "minatar-rainbow"], "envs": ["Breakout-MinAtar", "Asterix-MinAtar"],
+               "layers": [{"moe": "dense", "widths": [1, 4]}, {"moe": "topk", "experts": [2],
+                                                               "tokenizers": ["per_feature"]}],
+               "sweep": {"agent.learning_rate": [1e-4, 3e-4]}, "seeds": 3, "steps": 5000}
+        s = parse_spec(raw)
+        assert len(s.groups) == 2 * 2 * 3 * 2  # presets x envs x (2 widths + 1 expert count) x learning rates
+        first, last = s.groups[0], s.groups[-1]
+        assert first.name == "minatar-dqn__Breakout-MinAtar__dense-1__learning_rate-0.0001"
+        assert last.name == "minatar-rainbow__Asterix-MinAtar__topk-2__per_feature__learning_rate-0.0003"
+        assert (last.config.network.moe, last.config.network.num_experts, last.config.network.tokenizer) == (
+            "topk", 2, "per_feature")
+        assert last.config.agent.learning_rate == 3e-4 and last.config.seeds == 3 and last.config.steps == 5000
+        dense4 = s.groups[2]
+        assert (dense4.config.network.width_multiplier, dense4.config.network.num_experts) == (4, 1)
+        assert last.point == {"preset": "minatar-rainbow", "env": "Asterix-MinAtar", "moe": "topk", "size": 2,
+                              "tokenizer": "per_feature", "agent.learning_rate": 3e-4}
+
+    def test_fingerprint_follows_the_content(self):
+        assert spec().fingerprint() == parse_spec(dict(reversed(list(BASE.items())))).fingerprint()
+        assert spec().fingerprint() != spec(seeds=2).fingerprint()
+
+    @pytest.mark.parametrize("changes, match", [
+        ({"layer": []}, "spec.layer='layer': unknown field; did you mean 'layers'"),
+        ({"envs": []}, "spec.envs=.*non-empty"),
+        ({"layers": []}, "spec.layers=.*non-empty"),
+        ({"envs": ["Breakout"]}, "spec.envs: env='Breakout': unknown environment"),
+        ({"layers": [{"moe": "topk", "widths": [2]}]}, "layers\\[0\\].widths=.*topk scales its number of experts"),
+        ({"layers": [{"moe": "dense", "experts": [2]}]}, "layers\\[0\\].experts=.*dense scales its width"),
+        ({"layers": [{"moe": "softmoe", "experts": [0]}]}, "layers\\[0\\].experts"),
+        ({"layers": [{"moe": "softmoe", "experts": [2], "tokenizers": ["per_pixel"]}]}, "tokenizers"),
+        ({"layers": [{"moe": "softmoe", "experts": [2, 2]}]}, "lists the same run twice"),
+        ({"set": {"agent.gama": 0.9}}, "is impossible: .*gama"),
+        ({"sweep": {"agent.learning_rate": []}}, "spec.sweep.agent.learning_rate"),
+        ({"presets": ["minatar-dqn"]}, "exactly one of"),
+    ])
+    def test_bad_specs_name_the_field(self, changes, match):
+        with pytest.raises(ValueError, match=match):
+            spec(**changes)
+
+
+def tiny_spec(tmp_path, **changes):
+    raw = {"name": "tiny", "preset": "classic-dqn", "envs": ["CartPole-v1"],
+           "layers": [{"moe": "dense", "widths": [1]}, {"moe": "softmoe", "experts": [2],
+                                                        "tokenizers": ["per_feature"]}],
+           "seeds": 2, "steps": 4000, "set": {"iteration_steps": 2000, "agent.min_replay": 1000,
+                                               "eval_episodes": 2, "checkpoint_every": 1}, **changes}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_spec(path), path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    s, path = tiny_spec(root)
+    statuses = run_study(s, root / "out", progress=False)
+    return s, path, root / "out", statuses
+
+
+class TestLocalExecutor:
+    def test_runs_every_group_and_builds_the_table(self, finished):
+        s, _, out, statuses = finished
+        assert statuses == {g.name: "done" for g in s.groups}
+        table = pq.read_table(out / "results.parquet")
+        assert table.num_rows == 2 * 2 * 2  # groups x seeds x iterations
+        cols = set(table.column_names)
+        assert {"group", "status", "point.moe", "point.size", "network.moe", "network.num_experts",
+                "agent.learning_rate", "eval_return", "agent_steps", "seed"} <= cols
+        moe = {r["group"]: r["network.moe"] for r in table.to_pylist()}
+        assert sorted(set(moe.values())) == ["dense", "softmoe"]
+
+    def test_second_run_skips_finished_groups(self, finished, monkeypatch):
+        s, _, out, _ = finished
+        import moescale.train.run as run_module
+
+        def no_training(*args, **kwargs):
+            raise AssertionError("a finished group was run again")
+
+        monkeypatch.setattr(run_module, "train", no_training)
+        assert set(run_study(s, out, progress=False).values()) == {"done"}
+
+    def test_interrupted_group_resumes_to_the_same_metrics(self, finished, tmp_path):
+        s, _, out, _ = finished
+        copy = tmp_path / "copy"
+        shutil.copytree(out, copy)
+        group = s.groups[1].name
+        (copy / "runs" / group / "summary.json").unlink()
+        shutil.rmtree(copy / "runs" / group / "checkpoints" / "ckpt_00000002")
+        assert group_status(copy / "runs" / group) == "interrupted"
+        run_study(s, copy, progress=False)
+
+        def returns(root):
+            rows = pq.read_table(root / "runs" / group / "metrics.parquet").to_pylist()
+            return [(r["iteration"], r["seed"], r["eval_return"], r["loss"]) for r in rows]
+
+        assert returns(copy) == returns(out)
+
+    def test_a_failed_group_is_recorded_and_the_rest_go_on(self, tmp_path, monkeypatch):
+        s, _ = tiny_spec(tmp_path)
+        import moescale.train.run as run_module
+
+        real = run_module.train
+
+        def flaky(config, out, **kwargs):
+            if config.network.moe == "dense":
+                raise RuntimeError("boom")
+            return real(config, out, **kwargs)
+
+        monkeypatch.setattr(run_module, "train", flaky)
+        statuses = run_study(s, tmp_path / "out", progress=False)
+        assert list(statuses.values()) == ["failed", "done"]
+        error = json.loads((tmp_path / "out" / "runs" / s.groups[0].name / "error.json").read_text())
+        assert error["error"] == "RuntimeError: boom"
+        monkeypatch.setattr(run_module, "train", real)
+        assert list(run_study(s, tmp_path / "out", progress=False).values()) == ["failed", "done"]
+        assert list(run_study(s, tmp_path / "out", progress=False, retry_failed=True).values()) == ["done", "done"]
+
+    def test_results_print_one_line_per_group(self, finished):
+        _, _, out, _ = finished
+        text = format_results(out)
+        lines = text.splitlines()
+        assert len(lines) == 1 + 2 + 1 and "done" in lines[1] and lines[-1].startswith("8 rows x ")
+        assert collect(out).num_rows == 8
+
+
+class TestCommandLine:
+    def test_dry_run_prints_the_plan(self, tmp_path, capsys):
+        _, path = tiny_spec(tmp_path)
+        assert main(["study", str(path), "--out", str(tmp_path / "s"), "--dry-run"]) == 0
+        out = capsys.readouterr().out
+        assert "classic-dqn__CartPole-v1__dense-1" in out and "2 run groups (2 to run), 16,000 agent steps" in out
+        assert not (tmp_path / "s").exists()
+
+    def test_a_study_of_another_spec_or_a_foreign_directory_is_refused(self, finished, tmp_path, capsys):
+        _, _, out, _ = finished
+        _, other = tiny_spec(tmp_path, seeds=3)
+        before = sorted(p.name for p in out.iterdir())
+        assert main(["study", str(other), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "of a different spec" in err
+        assert sorted(p.name for p in out.iterdir()) == before
+        (tmp_path / "foreign").mkdir()
+        (tmp_path / "foreign" / "notes.txt").write_text("keep me")
+        assert main(["study", str(other), "--out", str(tmp_path / "foreign")]) == 2
+        assert "holds other files" in capsys.readouterr().err
+        assert main(["results", str(tmp_path / "foreign")]) == 2
+        assert "not a study directory" in capsys.readouterr().err
+        assert (tmp_path / "foreign" / "notes.txt").read_text() == "keep me"
+
+    def test_bad_spec_exits_2_with_one_line(self, tmp_path, capsys):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({**BASE, "layers": [{"moe": "topk", "widths": [2]}]}))
+        assert main(["study", str(path), "--out", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "topk scales its number of experts" in err
+        assert not (tmp_path / "s").exists()
