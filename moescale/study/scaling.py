@@ -23,19 +23,14 @@ largest model from the smaller ones (:func:`held_out_check`), and the power law 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
-import glob
 import itertools
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import scipy
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 from moescale import checks
 
@@ -117,8 +112,7 @@ def power_law_objective(
     term = a - alpha * log_n
     log_pred = np.logaddexp(term, e)
     value, slope = _huber_terms(log_pred - log_loss, delta)
-    # slope times the share of the power-law term in the prediction (E has the rest). Sums, not matrix products:
-    # BLAS calls on vectors this short cost more than they compute, and a threaded BLAS spins on them.
+    # slope times the share of the power-law term in the prediction (E has the rest); elementwise sums, no BLAS.
     sw = slope * np.exp(term - log_pred)
     total = sw.sum()
     return value, np.array([total, slope.sum() - total, -(sw * log_n).sum()])
@@ -142,48 +136,6 @@ def chinchilla_objective(
     return value, np.array([sn, sd, slope.sum() - sn - sd, -(w_n * log_n).sum(), -(w_d * log_d).sum()])
 
 
-@functools.cache
-def _scipy_openblas_threads() -> tuple[Any, Any] | None:
-    """(get, set) of the thread count of the OpenBLAS bundled with scipy's wheels, or None if there is none."""
-    here = os.path.dirname(scipy.__file__)
-    paths = glob.glob(os.path.join(here, os.pardir, "scipy.libs", "*openblas*")) + glob.glob(
-        os.path.join(here, ".dylibs", "*openblas*")
-    )
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("", "64_"):
-                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and set_ is not None:
-                    return get, set_
-    return None
-
-
-@contextlib.contextmanager
-def _single_threaded_blas() -> Iterator[None]:
-    """Run scipy's L-BFGS-B with one OpenBLAS thread, then restore the previous count.
-
-    Since scipy 1.15 L-BFGS-B calls BLAS/LAPACK on its tiny (2 x 10 memory) matrices, and a threaded OpenBLAS
-    makes that 2x slower on an idle machine and 10-50x slower on a busy one (scipy issues 22438, 23191; OpenBLAS
-    issue 5383; the fix they give is OPENBLAS_NUM_THREADS=1). A no-op where scipy has no bundled OpenBLAS.
-    """
-    threads = _scipy_openblas_threads()
-    if threads is None:
-        yield
-        return
-    get, set_ = threads
-    before = int(get())
-    set_(1)
-    try:
-        yield
-    finally:
-        set_(before)
-
-
 def _best_of_starts(
     objective: Callable[[np.ndarray], tuple[float, np.ndarray]],
     starts: np.ndarray,
@@ -197,7 +149,9 @@ def _best_of_starts(
         return value * scale, grad * scale
 
     best_x, best_value = starts[0], np.inf
-    with _single_threaded_blas():
+    # Since scipy 1.15 L-BFGS-B calls BLAS on its tiny matrices, and a threaded OpenBLAS made these fits 2x slower
+    # on an idle 2-core machine and up to 60x slower under load (scipy issues 22438, 23191): one thread here.
+    with threadpool_limits(limits=1, user_api="blas"):
         for x0 in starts:
             result = minimize(scaled, x0, jac=True, method="L-BFGS-B", bounds=bounds, options=_LBFGS_OPTIONS)
             value = objective(result.x)[0]  # unscaled, at the returned point
@@ -272,8 +226,9 @@ def fit_power_law(n: Any, loss: Any, delta: float = 1e-3, grid: Mapping[str, Any
     """Fit L(N) = E + A / N^alpha to (n, loss) by Huber loss on log L, L-BFGS-B from a grid of starts.
 
     n: model sizes (e.g. parameter counts), loss: the falling positive quantity, one entry per run (repeat a size
-    once per seed). grid: None for the default, or {"a": [...], "e": [...], "alpha": [...]} with a = log A and
-    e = log E in the units of n and loss; every combination is a start and the best fit is kept.
+    once per seed); turn returns into such a quantity first, e.g. max_return - return (see the module docstring).
+    grid: None for the default, or {"a": [...], "e": [...], "alpha": [...]} with a = log A and e = log E in the units
+    of n and loss; every combination is a start and the best fit is kept.
     """
     n = _positive_1d("n", n)
     loss = _positive_1d("loss", loss)
@@ -451,9 +406,7 @@ def bootstrap_exponents(
     return out
 
 
-def held_out_check(
-    n: Any, loss: Any, delta: float = 1e-3, grid: Mapping[str, Any] | None = None
-) -> dict[str, Any]:
+def held_out_check(n: Any, loss: Any, delta: float = 1e-3, grid: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Fit L(N) = E + A / N^alpha without the largest size and predict it.
 
     Needs at least 4 distinct sizes (3 left to fit). Returns {"n": the held-out size, "predicted": the fit's
