@@ -1,4 +1,5 @@
-"""moescale command line: `moescale train ...`, `moescale presets`, `moescale study SPEC`, `moescale results DIR`.
+"""moescale command line: `moescale train ...`, `moescale presets`, `moescale study SPEC`, `moescale results DIR`,
+`moescale report DIR`.
 
 Bad input exits with code 2 and a one-line message; nothing in an existing run directory is overwritten
 unless --resume or --force says so.
@@ -125,7 +126,9 @@ def cmd_study(args: argparse.Namespace) -> int:
             prepare_study_dir(spec, args.out)  # only checks that the directory holds this spec
         print(format_plan(plan(spec, args.out if (args.out / "study.json").exists() else None)))
         return 0
-    statuses = run_study(spec, args.out, progress=not args.no_progress, retry_failed=args.retry_failed)
+    statuses = run_study(spec, args.out, progress=not args.no_progress, retry_failed=args.retry_failed,
+                         executor=args.executor, address=args.address, cpus_per_run=args.cpus_per_run,
+                         gpus_per_run=args.gpus_per_run)
     failed = [name for name, status in statuses.items() if status == "failed"]
     print(f"{len(statuses) - len(failed)} of {len(statuses)} run groups done; results in "
           f"{args.out / 'results.parquet'}")
@@ -142,6 +145,29 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import shlex
+
+    import numpy as np
+
+    from moescale.envs import random_policy_returns
+    from moescale.study.report import write_report
+    from moescale.study.spec import load_spec
+
+    spec = load_spec(args.study / "spec.yaml") if (args.study / "spec.yaml").exists() else None
+    if spec is None:
+        raise ValueError(f"study={str(args.study)!r}: is not a study directory (no spec.yaml); run `moescale study` "
+                         "first")
+    envs = sorted({g.config.env for g in spec.groups})
+    # The zero point of normalized scores: the uniformly random policy's mean return (100 episodes, seed 0).
+    random = {env: float(np.mean(random_policy_returns(env, episodes=100))) for env in envs}
+    command = shlex.join(["moescale", "report", str(args.study)] + (["--reps", str(args.reps)] if args.reps != 2000
+                                                                    else []))
+    path = write_report(args.study, command, reps=args.reps, random_returns=random)
+    print(f"report written to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moescale", description="MoE parameter scaling for value-based deep RL")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,12 +179,21 @@ def main(argv: list[str] | None = None) -> int:
     study.add_argument("--dry-run", action="store_true", help="print the plan and an estimated time; run nothing")
     study.add_argument("--retry-failed", action="store_true", help="run failed run groups again")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
+    study.add_argument("--executor", choices=("local", "ray"), default="local",
+                       help="local: one run group after another in this process; ray: run groups as Ray tasks")
+    study.add_argument("--address", default=None,
+                       help="Ray cluster address (e.g. auto or ray://host:10001); default: a local instance")
+    study.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs each Ray task asks for")
+    study.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs each Ray task asks for (0.25 shares)")
     results = sub.add_parser("results", help="print a study's results and rebuild results.parquet")
     results.add_argument("study", type=Path, help="study directory")
+    report = sub.add_parser("report", help="write a study's report (markdown, HTML and figures) into STUDY/report")
+    report.add_argument("study", type=Path, help="study directory")
+    report.add_argument("--reps", type=int, default=2000, help="bootstrap resamples for the confidence intervals")
     args = parser.parse_args(argv)
     try:
         return {"train": cmd_train, "presets": cmd_presets, "study": cmd_study,
-                "results": cmd_results}[args.command](args)
+                "results": cmd_results, "report": cmd_report}[args.command](args)
     except ValueError as e:
         print(f"moescale {args.command}: {e}", file=sys.stderr)
         return 2

@@ -172,6 +172,15 @@ class TestCommandLine:
         assert "not a study directory" in capsys.readouterr().err
         assert (tmp_path / "foreign" / "notes.txt").read_text() == "keep me"
 
+    def test_report_writes_markdown_html_and_figures(self, finished, capsys):
+        _, _, out, _ = finished
+        assert main(["report", str(out), "--reps", "100"]) == 0
+        text = (out / "report" / "report.md").read_text()
+        assert f"Command: `moescale report {out} --reps 100`" in text and (out / "report" / "report.html").exists()
+        for name in ("fig_curves.png", "fig_env_bars.png"):
+            assert (out / "report" / name).read_bytes().startswith(b"\x89PNG")
+        assert "CartPole-v1 | 22.43" in text  # the measured random-policy return is the zero point
+
     def test_bad_spec_exits_2_with_one_line(self, tmp_path, capsys):
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump({**BASE, "layers": [{"moe": "topk", "widths": [2]}]}))
@@ -179,3 +188,32 @@ class TestCommandLine:
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "topk scales its number of experts" in err
         assert not (tmp_path / "s").exists()
+
+
+class TestRayExecutor:
+    def test_ray_tasks_give_the_local_runs(self, finished, tmp_path):
+        # A local Ray instance, started and stopped here; each run group is one task on it.
+        ray = pytest.importorskip("ray")
+        _, _, local_out, _ = finished
+        s, _ = tiny_spec(tmp_path, layers=[{"moe": "dense", "widths": [1]}])  # one group keeps the test short
+        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        try:
+            statuses = run_study(s, tmp_path / "ray", progress=False, executor="ray", cpus_per_run=1)
+        finally:
+            ray.shutdown()
+        assert statuses == {"classic-dqn__CartPole-v1__dense-1": "done"}
+
+        def rows(root):
+            table = pq.read_table(root / "results.parquet").to_pylist()
+            return sorted((r["group"], r["iteration"], r["seed"], r["eval_return"], r["loss"]) for r in table
+                          if r["group"] == "classic-dqn__CartPole-v1__dense-1")
+
+        assert rows(tmp_path / "ray") == rows(local_out)  # same program, same numbers, whichever process ran it
+
+    def test_bad_executor_settings(self, tmp_path):
+        s, _ = tiny_spec(tmp_path)
+        for kwargs, match in (({"executor": "slurm"}, "executor"), ({"cpus_per_run": 0}, "cpus_per_run"),
+                              ({"gpus_per_run": -1}, "gpus_per_run")):
+            with pytest.raises(ValueError, match=match):
+                run_study(s, tmp_path / "x", progress=False, **kwargs)
+        assert not (tmp_path / "x").exists()

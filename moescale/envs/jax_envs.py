@@ -225,3 +225,28 @@ class JaxEnv:
 def make_env(name: str, sticky_prob: float | None = None, max_steps: int | None = None) -> JaxEnv:
     """Build a JaxEnv; None picks the protocol default (MinAtar: sticky 0.1, cap 100k; gym caps otherwise)."""
     return JaxEnv(name, sticky_prob=sticky_prob, max_steps=max_steps)
+
+
+def random_policy_returns(name: str, episodes: int = 100, seed: int = 0, max_steps: int = 100_000) -> jax.Array:
+    """Returns (episodes,) of the uniformly random policy on env `name` under its protocol defaults, each of the
+    first episode of one of `episodes` environments run side by side, stopped after max_steps at the latest.
+    The random-policy score is the zero point of the scores normalized in study reports."""
+    checks.positive_int("episodes", episodes)
+    env = make_env(name)
+    key_reset, key_loop = jax.random.split(jax.random.key(seed))
+    obs, state = jax.vmap(env.reset)(jax.random.split(key_reset, episodes))
+
+    def cond(carry):
+        _, _, done, _, t = carry
+        return jnp.any(~done) & (t < max_steps)
+
+    def body(carry):
+        state, returns, done, key, t = carry
+        key, key_act, key_step = jax.random.split(key, 3)
+        action = jax.random.randint(key_act, (episodes,), 0, env.num_actions)
+        state, ts = jax.vmap(env.step)(jax.random.split(key_step, episodes), state, action)
+        returns = returns + jnp.where(done, 0.0, ts.reward)
+        return state, returns, done | ts.terminated | ts.truncated, key, t + 1
+
+    init = (state, jnp.zeros(episodes), jnp.zeros(episodes, jnp.bool_), key_loop, jnp.int32(0))
+    return jax.jit(lambda c: jax.lax.while_loop(cond, body, c))(init)[1]

@@ -10,7 +10,8 @@ A study directory holds:
 
 Running again resumes: finished groups are skipped, interrupted ones resume from their last checkpoint,
 failed ones are skipped (their error.json says why; --retry-failed runs them again). A group that fails
-(an exception, a non-finite loss) is recorded and the others go on.
+(an exception, a non-finite loss) is recorded and the others go on. Groups run one after another in this
+process (executor "local") or as Ray tasks on a cluster (executor "ray"), writing into the same directory.
 """
 
 from __future__ import annotations
@@ -154,18 +155,82 @@ def run_group(group: RunGroup, run_dir: Path, progress: bool) -> str:
     return "done"
 
 
-def run_study(spec: StudySpec, out: Path, progress: bool = True, retry_failed: bool = False) -> dict[str, str]:
-    """Run every group not yet done, one after another in this process; returns each group's final status."""
+EXECUTORS = ("local", "ray")
+
+
+def _remote_group(config: dict[str, Any], name: str, run_dir: str) -> str:
+    """A Ray task: rebuild the group's config and run it (Ray ships plain dicts between processes)."""
+    from moescale.config import TrainConfig
+
+    return run_group(RunGroup(name, {}, TrainConfig.from_dict(config)), Path(run_dir), progress=False)
+
+
+def _run_with_ray(todo: list[RunGroup], out: Path, address: str | None, cpus: float, gpus: float,
+                  bar: tqdm) -> dict[str, str]:
+    """Submit every group as a Ray task with its resource needs; rebuild the results as each one finishes.
+
+    The tasks write into `out` themselves, so every node must see it at the same path (a shared filesystem).
+    Connects to `address` (a running cluster, e.g. "ray://host:10001" or "auto"), or, when it is None and
+    Ray is not running in this process yet, starts a local instance for the study and stops it after.
+    """
+    import ray
+
     from moescale.study.results import write_results
 
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_remote_group)
+        pending = {task.remote(g.config.to_dict(), g.name, str(out / "runs" / g.name)): g for g in todo}
+        statuses = {}
+        while pending:
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            group = pending.pop(ready)
+            try:
+                statuses[group.name] = ray.get(ready)
+            except Exception as err:  # noqa: BLE001 - the task itself died (worker crash, lost node)
+                run_dir = out / "runs" / group.name
+                run_dir.mkdir(parents=True, exist_ok=True)
+                _write_atomic(run_dir / "error.json", json.dumps({"error": f"{type(err).__name__}: {err}"}))
+                statuses[group.name] = "failed"
+            write_results(out)
+            bar.update(1)
+        return statuses
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def run_study(spec: StudySpec, out: Path, progress: bool = True, retry_failed: bool = False,
+              executor: str = "local", address: str | None = None, cpus_per_run: float = 1.0,
+              gpus_per_run: float = 0.0) -> dict[str, str]:
+    """Run every group not yet done and return each group's final status, in grid order.
+
+    executor "local": one group after another in this process. "ray": each group a Ray task needing
+    cpus_per_run CPUs and gpus_per_run GPUs (a fraction shares a GPU), on the cluster at `address`.
+    """
+    from moescale.study.results import write_results
+
+    checks.choice("executor", executor, EXECUTORS)
+    checks.positive_number("cpus_per_run", cpus_per_run)
+    checks.non_negative_number("gpus_per_run", gpus_per_run)
     prepare_study_dir(spec, out)
-    statuses = {}
-    bar = tqdm(spec.groups, disable=not progress, unit="run", desc=f"study {spec.name}")
-    for group in bar:
-        run_dir = out / "runs" / group.name
-        if retry_failed and (run_dir / "error.json").exists():
-            (run_dir / "error.json").unlink()
-        bar.set_postfix_str(group.name)
-        statuses[group.name] = run_group(group, run_dir, progress)
-        write_results(out)
+    if retry_failed:
+        for group in spec.groups:
+            (out / "runs" / group.name / "error.json").unlink(missing_ok=True)
+    statuses = {g.name: group_status(out / "runs" / g.name) for g in spec.groups}
+    todo = [g for g in spec.groups if statuses[g.name] not in ("done", "failed")]
+    bar = tqdm(total=len(spec.groups), initial=len(spec.groups) - len(todo), disable=not progress, unit="run",
+               desc=f"study {spec.name}")
+    if executor == "ray":
+        statuses.update(_run_with_ray(todo, out, address, cpus_per_run, gpus_per_run, bar))
+    else:
+        for group in todo:
+            bar.set_postfix_str(group.name)
+            statuses[group.name] = run_group(group, out / "runs" / group.name, progress)
+            write_results(out)
+            bar.update(1)
+    bar.close()
+    write_results(out)
     return statuses

@@ -1,0 +1,827 @@
+"""The study report: `moescale report OUT` writes OUT/report/report.md, report.html and its figures (PNG).
+
+What it holds, from the study directory as it is now (moescale.study.runner's layout):
+
+- a header: the study's name, its spec's fingerprint and text, seeds, budget, the command, the date, the device;
+- scores: a run's score is its mean eval return over its last SCORE_ITERATIONS iterations, one per seed,
+  normalized per env as (score - random) / (reference - random), where reference is the study's best run group on
+  that env (study-best normalization: comparisons hold within the study only);
+- the aggregate IQM (rliable, stratified bootstrap CIs over seeds, envs as tasks) against size and parameters,
+  learning curves, per-env final scores, performance profiles, the probability of improvement over the dense
+  width-1 group, and power-law fits of the error (1 - normalized score) against parameters.
+
+Every figure's caption names the spec, seeds, budget and the command that made the report. Run groups that
+failed, have no metrics yet, or did not finish are listed; a single seed gives point estimates without CIs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import html
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.stats
+
+from moescale.study import stats
+from moescale.study.results import collect, study_groups
+
+SCORE_ITERATIONS = 3
+"""A run's score is its mean eval return over this many last iterations (fewer if it has fewer)."""
+
+CONFIDENCE = 0.95
+"""The size of every confidence interval of the report."""
+
+ERROR_FLOOR = 1e-3
+"""The error 1 - normalized score is clipped to at least this before power-law fits (logs must be finite)."""
+
+BOOTSTRAP_SEED = 0
+"""The seed of every bootstrap (stats seeds numpy's global RNG with it and restores it)."""
+
+POINT_KEYS = ("preset", "env", "moe", "size", "tokenizer")
+"""The grid coordinates every run group has; any other key of a point is a swept config value."""
+
+
+# ----------------------------------------------------------------------------------------- the study's data
+
+
+@dataclasses.dataclass
+class _Group:
+    """One run group as the report sees it."""
+
+    name: str
+    point: dict[str, Any]
+    status: str
+    summary: dict[str, Any] | None
+    error: str | None
+    rows: list[dict[str, Any]]
+    scores: np.ndarray | None = None  # (seeds,) raw scores, ordered by seed
+    normalized: np.ndarray | None = None  # (seeds,) normalized scores, None where the env is not normalized
+    steps: np.ndarray | None = None  # (iterations,) agent steps per seed at each iteration
+    returns: np.ndarray | None = None  # (seeds, iterations) eval returns
+
+    @property
+    def env(self) -> str:
+        return str(self.point["env"])
+
+    @property
+    def params(self) -> int | None:
+        total = ((self.summary or {}).get("params") or {}).get("total")
+        return int(total) if isinstance(total, int | float) and total > 0 else None
+
+
+@dataclasses.dataclass
+class _Config:
+    """A configuration: every grid coordinate but the env, with its run groups by env (those with scores)."""
+
+    key: str
+    arch: str
+    size: int
+    point: dict[str, Any]
+    groups: dict[str, _Group] = dataclasses.field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.arch} x{self.size}"
+
+
+@dataclasses.dataclass
+class _Norm:
+    """How one env is normalized: the random and reference scores, or why it is not."""
+
+    env: str
+    random: float
+    random_given: bool
+    reference: float | None = None
+    best: str | None = None
+    skipped: str | None = None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _scores_and_curves(group: _Group) -> None:
+    """Fill a group's per-seed scores and learning curves from its metric rows (finite eval returns only)."""
+    by_seed: dict[int, list[dict[str, Any]]] = {}
+    for row in group.rows:
+        value = row.get("eval_return")
+        if value is not None and math.isfinite(float(value)):
+            by_seed.setdefault(int(row["seed"]), []).append(row)
+    if not by_seed:
+        return
+    seeds = sorted(by_seed)
+    for seed in seeds:
+        by_seed[seed].sort(key=lambda r: r["iteration"])
+    group.scores = np.array([np.mean([r["eval_return"] for r in by_seed[s][-SCORE_ITERATIONS:]]) for s in seeds])
+    iterations = sorted(set.intersection(*(set(r["iteration"] for r in by_seed[s]) for s in seeds)))
+    steps, returns = [], []
+    for it in iterations:
+        at = [next(r for r in by_seed[s] if r["iteration"] == it) for s in seeds]
+        steps.append(float(np.mean([r["agent_steps"] for r in at])))
+        returns.append([float(r["eval_return"]) for r in at])
+    group.steps = np.array(steps)
+    group.returns = np.array(returns).T.reshape(len(seeds), len(iterations))
+
+
+def _load_groups(out: Path) -> tuple[Any, list[_Group]]:
+    from moescale.study.runner import group_status
+    from moescale.study.spec import load_spec
+
+    names = study_groups(out)  # ValueError naming `study` if `out` is not a study
+    spec = load_spec(out / "spec.yaml")
+    points = {g.name: g.point for g in spec.groups}
+    table = collect(out)
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for row in table.to_pylist() if table.num_rows else []:
+        rows.setdefault(row["group"], []).append(row)
+    groups = []
+    for name in names:
+        run_dir = out / "runs" / name
+        error = _read_json(run_dir / "error.json")
+        group = _Group(name=name, point=points.get(name, {}), status=group_status(run_dir),
+                       summary=_read_json(run_dir / "summary.json"),
+                       error=None if error is None else str(error.get("error", "unknown error")),
+                       rows=rows.get(name, []))
+        if group.status != "failed":
+            _scores_and_curves(group)
+        groups.append(group)
+    return spec, groups
+
+
+def _normalize(groups: list[_Group], envs: list[str], random_returns: dict[str, float] | None) -> list[_Norm]:
+    """Normalize every scored group's scores per env; returns how each env was normalized."""
+    norms = []
+    for env in envs:
+        given = random_returns is not None and env in random_returns
+        norm = _Norm(env, float(random_returns[env]) if given else 0.0, given)
+        scored = [g for g in groups if g.env == env and g.scores is not None]
+        if not scored:
+            norm.skipped = "no run group on it has scores yet"
+        else:
+            best = max(scored, key=lambda g: float(g.scores.mean()))
+            norm.reference, norm.best = float(best.scores.mean()), best.name
+            if norm.reference == norm.random:
+                norm.skipped = f"the best mean score equals the random score ({norm.random:g})"
+            elif norm.reference < norm.random:
+                norm.skipped = (f"the best mean score ({norm.reference:.4g}) is below the random score "
+                                f"({norm.random:g}); give this env's random-policy return")
+            else:
+                for g in scored:
+                    g.normalized = stats.normalize(g.scores[:, None], [norm.random], [norm.reference])[:, 0]
+        norms.append(norm)
+    return norms
+
+
+def _configs(groups: list[_Group]) -> list[_Config]:
+    """The configurations of the study (every coordinate but the env), in grid order, with their scored groups."""
+    tokenizers: dict[Any, set[Any]] = {}
+    for g in groups:
+        tokenizers.setdefault(g.point.get("moe"), set()).add(g.point.get("tokenizer"))
+    presets = {g.point.get("preset") for g in groups}
+    configs: dict[str, _Config] = {}
+    for g in groups:
+        rest = {k: v for k, v in g.point.items() if k != "env"}
+        key = json.dumps(rest, sort_keys=True, default=str)
+        if key not in configs:
+            parts = [str(rest.get("preset"))] if len(presets) > 1 else []
+            parts.append(str(rest.get("moe")))
+            if len(tokenizers[rest.get("moe")]) > 1:  # the tokenizer names the architecture where it varies
+                parts.append(str(rest.get("tokenizer") or "default-tokenizer"))
+            parts += [f"{k.split('.')[-1]}={v}" for k, v in rest.items() if k not in POINT_KEYS]
+            configs[key] = _Config(key, " ".join(parts), int(rest.get("size", 1)), rest)
+        if g.scores is not None:
+            configs[key].groups[g.env] = g
+    return list(configs.values())
+
+
+# ----------------------------------------------------------------------------------------- statistics
+
+
+@dataclasses.dataclass
+class _Aggregate:
+    """A configuration's normalized score matrix over the normalized envs it has, and its estimates."""
+
+    config: _Config
+    envs: list[str]
+    matrix: np.ndarray  # (runs, tasks)
+    estimates: dict[str, stats.Estimate]
+    params: float | None
+
+    @property
+    def has_ci(self) -> bool:
+        return self.matrix.shape[0] >= 2
+
+
+def _matrix(columns: list[np.ndarray]) -> np.ndarray:
+    """(runs, tasks) from per-task score columns, cut to the fewest runs of any task."""
+    runs = min(len(c) for c in columns)
+    return np.stack([c[:runs] for c in columns], axis=1)
+
+
+def _point_metrics(matrix: np.ndarray) -> dict[str, stats.Estimate]:
+    """rliable's four aggregate metrics without intervals (a single run cannot be bootstrapped)."""
+    per_task = matrix.mean(axis=0)
+    points = {"iqm": stats.iqm(matrix), "mean": float(per_task.mean()), "median": float(np.median(per_task)),
+              "optimality_gap": float(np.maximum(stats.OPTIMALITY_GAP_TARGET - matrix, 0).mean())}
+    return {name: stats.Estimate(value, math.nan, math.nan) for name, value in points.items()}
+
+
+def _aggregates(configs: list[_Config], envs: list[str], reps: int) -> list[_Aggregate]:
+    out = []
+    for config in configs:
+        have = [e for e in envs if e in config.groups and config.groups[e].normalized is not None]
+        if not have:
+            continue
+        matrix = _matrix([config.groups[e].normalized for e in have])
+        if matrix.shape[0] >= 2:
+            estimates = stats.aggregate_metrics({config.label: matrix}, reps, CONFIDENCE, BOOTSTRAP_SEED)[config.label]
+        else:
+            estimates = _point_metrics(matrix)
+        params = [config.groups[e].params for e in have]
+        mean_params = float(np.mean(params)) if all(p is not None for p in params) else None
+        out.append(_Aggregate(config, have, matrix, estimates, mean_params))
+    return out
+
+
+def _improvement_point(x: np.ndarray, y: np.ndarray) -> float:
+    """P(X > Y) averaged over tasks (ties count 1/2), as stats.probability_of_improvement without intervals."""
+    diff = x[:, None, :] - y[None, :, :]
+    return float(((diff > 0).mean(axis=(0, 1)) + 0.5 * (diff == 0).mean(axis=(0, 1))).mean())
+
+
+def _baseline(config: _Config, configs: list[_Config]) -> _Config | None:
+    """The dense width-1 configuration with the same preset and swept values (the same tokenizer if there is)."""
+    same = [c for c in configs if c.point.get("moe") == "dense" and c.size == 1 and c is not config
+            and all(c.point.get(k) == v for k, v in config.point.items() if k not in ("moe", "size", "tokenizer"))]
+    same.sort(key=lambda c: c.point.get("tokenizer") != config.point.get("tokenizer"))
+    return same[0] if same else None
+
+
+def _t_band(returns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over seeds (axis 0) and its CONFIDENCE Student-t interval; the interval is the mean for one seed."""
+    mean = returns.mean(axis=0)
+    n = returns.shape[0]
+    if n < 2:
+        return mean, mean, mean
+    half = scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * returns.std(axis=0, ddof=1) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+# ----------------------------------------------------------------------------------------- the document
+
+
+class _Doc:
+    """The report as a list of blocks, rendered to Markdown and to HTML."""
+
+    def __init__(self, caption_tail: str):
+        self.blocks: list[tuple[Any, ...]] = []
+        self.caption_tail = caption_tail
+        self.figures = 0
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def ul(self, items: Sequence[str]) -> None:
+        if items:
+            self.blocks.append(("ul", list(items)))
+
+    def code(self, text: str, lang: str = "") -> None:
+        self.blocks.append(("code", lang, text.rstrip("\n")))
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        self.blocks.append(("table", [str(h) for h in headers], [[str(c) for c in row] for row in rows]))
+
+    def figure(self, filename: str, what: str) -> None:
+        self.figures += 1
+        self.blocks.append(("fig", filename, self.figures, f"Figure {self.figures}: {what} {self.caption_tail}"))
+
+    def markdown(self) -> str:
+        parts = []
+        for block in self.blocks:
+            kind = block[0]
+            if kind == "h":
+                parts.append(f"{'#' * block[1]} {block[2]}")
+            elif kind == "p":
+                parts.append(block[1])
+            elif kind == "ul":
+                parts.append("\n".join(f"- {item}" for item in block[1]))
+            elif kind == "code":
+                fence = "````" if "```" in block[2] else "```"
+                parts.append(f"{fence}{block[1]}\n{block[2]}\n{fence}")
+            elif kind == "table":
+                lines = ["| " + " | ".join(_md_cell(h) for h in block[1]) + " |", "|" + "---|" * len(block[1])]
+                lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block[2]]
+                parts.append("\n".join(lines))
+            elif kind == "fig":
+                parts.append(f"![Figure {block[2]}]({block[1]})\n\n*{block[3]}*")
+        return "\n\n".join(parts) + "\n"
+
+    def html(self, title: str) -> str:
+        body = []
+        for block in self.blocks:
+            kind = block[0]
+            if kind == "h":
+                body.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
+            elif kind == "p":
+                body.append(f"<p>{_inline_html(block[1])}</p>")
+            elif kind == "ul":
+                body.append("<ul>\n" + "\n".join(f"<li>{_inline_html(i)}</li>" for i in block[1]) + "\n</ul>")
+            elif kind == "code":
+                body.append(f"<pre><code>{html.escape(block[2])}</code></pre>")
+            elif kind == "table":
+                head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
+                rows = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                                 for row in block[2])
+                body.append(f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}\n</tbody>\n</table>")
+            elif kind == "fig":
+                body.append(f'<figure><img src="{html.escape(block[1])}" alt="Figure {block[2]}">'
+                            f"<figcaption>{_inline_html(block[3])}</figcaption></figure>")
+        style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em;line-height:1.4}"
+                 "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;padding:.2em .5em;"
+                 "text-align:left}pre{background:#f4f4f4;padding:.6em;overflow-x:auto}img{max-width:100%}"
+                 "figcaption{font-style:italic;font-size:.9em}")
+        return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+                f"<title>{html.escape(title)}</title>\n<style>{style}</style>\n</head>\n<body>\n"
+                + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+def _md_cell(text: str) -> str:
+    """A Markdown table cell: pipes escaped, no line breaks."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _inline_html(text: str) -> str:
+    """Escape text for HTML and turn `code` spans into <code> elements."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+def _code_span(text: str) -> str:
+    return f"`{text}`" if "`" not in text else f"'{text}'"
+
+
+def _ci(est: stats.Estimate, digits: int = 3) -> str:
+    if math.isnan(est.low):
+        return f"{est.point:.{digits}f}"
+    return f"{est.point:.{digits}f} [{est.low:.{digits}f}, {est.high:.{digits}f}]"
+
+
+def _int(value: float | None) -> str:
+    return "-" if value is None else f"{round(value):,}"
+
+
+# ----------------------------------------------------------------------------------------- figures
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+_CMAPS = ("Blues", "Oranges", "Greens", "Reds", "Purples", "Greys", "YlOrBr", "PuRd", "BuGn")
+
+
+class _Colors:
+    """One colour family per architecture, in order of appearance; darker for larger sizes."""
+
+    def __init__(self, configs: list[_Config]):
+        plt = _pyplot()
+        self.arch_color: dict[str, Any] = {}
+        self.config_color: dict[str, Any] = {}
+        for i, arch in enumerate(dict.fromkeys(c.arch for c in configs)):
+            cmap = plt.get_cmap(_CMAPS[i % len(_CMAPS)])
+            sizes = sorted({c.size for c in configs if c.arch == arch})
+            self.arch_color[arch] = cmap(0.75)
+            for c in configs:
+                if c.arch == arch:
+                    self.config_color[c.key] = cmap(0.45 + 0.5 * sizes.index(c.size) / max(len(sizes) - 1, 1))
+
+
+def _panels(plt: Any, count: int, width: float = 5.0, height: float = 3.8) -> tuple[Any, list[Any]]:
+    cols = min(count, 3)
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = list(axes.ravel())
+    for ax in flat[count:]:
+        ax.set_visible(False)
+    return fig, flat[:count]
+
+
+def _save(plt: Any, fig: Any, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+# ----------------------------------------------------------------------------------------- sections
+
+
+def _header(doc: _Doc, out: Path, spec: Any, groups: list[_Group], command: str, seeds: str, budget: str) -> None:
+    record = _read_json(out / "study.json") or {}
+    devices = sorted({str(g.summary["device"]) for g in groups if g.summary and g.summary.get("device")})
+    counts: dict[str, int] = {}
+    for g in groups:
+        counts[g.status] = counts.get(g.status, 0) + 1
+    doc.h(1, f"Study report: {spec.name}")
+    doc.ul([
+        f"Spec fingerprint: `{record.get('fingerprint', spec.fingerprint())}`",
+        f"Seeds: {seeds} per run group",
+        f"Budget: {budget} agent steps per seed",
+        f"Command: {_code_span(command)}",
+        f"Date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"Device: {'; '.join(devices) if devices else 'not recorded (no run group has a summary.json with it)'}",
+        "Run groups: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f" ({len(groups)} in all)",
+    ])
+    doc.h(2, "Spec")
+    spec_path = out / "spec.yaml"
+    doc.code(spec_path.read_text() if spec_path.is_file() else "", "yaml")
+
+
+def _status_notes(doc: _Doc, groups: list[_Group], seeds: int) -> None:
+    failed = [g for g in groups if g.status == "failed"]
+    missing = [g for g in groups if g.status != "failed" and g.scores is None]
+    unfinished = [g for g in groups if g.status not in ("failed", "done") and g.scores is not None]
+    doc.h(2, "Run groups")
+    if failed:
+        doc.p(f"{len(failed)} run group(s) failed; they are left out of every score, table and figure below "
+              "(a failure such as a non-finite loss is a result in itself: read the scores with it in mind):")
+        doc.ul([f"`{g.name}`: {g.error}" for g in failed])
+    if missing:
+        doc.p(f"{len(missing)} run group(s) have no metrics yet and are skipped:")
+        doc.ul([f"`{g.name}` ({g.status})" for g in missing])
+    if unfinished:
+        doc.p(f"{len(unfinished)} run group(s) have not finished; their scores are taken at the last iteration they "
+              "reached, so they are not comparable with finished groups:")
+        doc.ul([f"`{g.name}` ({g.status}, {_int(g.steps[-1])} agent steps per seed)"
+                for g in unfinished])
+    if not (failed or missing or unfinished):
+        doc.p("Every run group has finished.")
+    if seeds < 2:
+        doc.p("Single seed: no confidence intervals anywhere in this report (a bootstrap over one run is "
+              "degenerate); the numbers are point estimates.")
+    rows = []
+    for g in groups:
+        score = "-"
+        if g.scores is not None:
+            sd = f" ± {g.scores.std(ddof=1):.2f}" if len(g.scores) > 1 else ""
+            score = f"{g.scores.mean():.2f}{sd}"
+        reached = _int(g.steps[-1]) if g.steps is not None and len(g.steps) else "-"
+        rows.append([g.name, g.status, reached, _int(g.params), score])
+    doc.table(["run group", "status", "agent steps per seed", "parameters", "score (mean ± sd over seeds)"], rows)
+
+
+def _normalization(doc: _Doc, norms: list[_Norm], random_returns: dict[str, float] | None) -> None:
+    doc.h(2, "Scores and normalization")
+    doc.p(f"A run's score is its mean eval return over its last {SCORE_ITERATIONS} iterations (fewer if it has "
+          "fewer), one score per seed. Per env, normalized score = (score - random) / (reference - random), where "
+          "reference is the best mean score of any run group of this study on that env. Study-best normalization: "
+          "random policy = 0, the study's best configuration = 1; comparisons hold within this study only.")
+    if random_returns is None:
+        doc.p("No random-policy returns were given: random = 0.0 on every env.")
+    else:
+        missing = [n.env for n in norms if not n.random_given]
+        if missing:
+            doc.p("No random-policy return was given for " + ", ".join(missing) + ": random = 0.0 there.")
+    rows = [[n.env, f"{n.random:g}" + ("" if n.random_given else " (assumed)"),
+             "-" if n.reference is None else f"{n.reference:.4g}", n.best or "-",
+             f"skipped: {n.skipped}" if n.skipped else "normalized"] for n in norms]
+    doc.table(["env", "random", "reference (best mean score)", "best run group", "normalization"], rows)
+    skipped = [n for n in norms if n.skipped]
+    if skipped:
+        doc.p("Envs without normalization are left out of the aggregate IQM, the performance profiles and the "
+              "scaling fits; their raw scores are in the learning curves and per-env figures.")
+
+
+def _per_env_table(doc: _Doc, configs: list[_Config], envs: list[str]) -> None:
+    doc.p("Per configuration and env: the mean score over seeds ± sd over seeds, and the mean normalized score in "
+          "parentheses where the env is normalized.")
+    rows = []
+    for c in configs:
+        if not c.groups:
+            continue
+        cells = [c.label]
+        for env in envs:
+            g = c.groups.get(env)
+            if g is None or g.scores is None:
+                cells.append("-")
+                continue
+            text = f"{g.scores.mean():.2f}" + (f" ± {g.scores.std(ddof=1):.2f}" if len(g.scores) > 1 else "")
+            if g.normalized is not None:
+                text += f" ({g.normalized.mean():.3f})"
+            cells.append(text)
+        rows.append(cells)
+    if rows:
+        doc.table(["configuration", *envs], rows)
+    else:
+        doc.p("No run group has scores yet.")
+
+
+def _iqm_section(doc: _Doc, report_dir: Path, aggs: list[_Aggregate], norm_envs: list[str], colors: _Colors,
+                 seeds: int) -> list[_Aggregate]:
+    doc.h(2, "Aggregate IQM against size and parameters")
+    if not aggs:
+        doc.p("Skipped: no configuration has normalized scores.")
+        return []
+    ci_text = f"{CONFIDENCE:.0%} stratified bootstrap CIs" if seeds >= 2 else "no CIs: single seed"
+    how = " (rliable: seeds resampled within each env, envs kept)" if seeds >= 2 else ""
+    doc.p(f"IQM (interquartile mean) of normalized scores over seeds x envs as tasks ({', '.join(norm_envs)}), "
+          f"{ci_text}{how}. Size is the number of experts of MoE layers and the width multiplier of dense layers; "
+          "parameters are the total parameter count of the network (the mean over envs where they differ).")
+    doc.table(["configuration", "size", "parameters", "envs", "runs", "IQM", "mean", "median", "optimality gap"],
+              [[a.config.label, a.config.size, _int(a.params), f"{len(a.envs)}/{len(norm_envs)}", a.matrix.shape[0],
+                _ci(a.estimates["iqm"]), _ci(a.estimates["mean"]), _ci(a.estimates["median"]),
+                _ci(a.estimates["optimality_gap"])] for a in aggs])
+    full = [a for a in aggs if len(a.envs) == len(norm_envs)]
+    partial = [a.config.label for a in aggs if len(a.envs) < len(norm_envs)]
+    if partial:
+        doc.p("Left out of the figures (scores on only some of the normalized envs): " + ", ".join(partial) + ".")
+    if not full:
+        return []
+    plt = _pyplot()
+    archs = list(dict.fromkeys(a.config.arch for a in full))
+    for xkey, filename, xlabel, what in (
+            ("size", "fig_iqm_size.png", "size (experts for MoE, width multiplier for dense)", "size"),
+            ("params", "fig_iqm_params.png", "total parameters", "total parameter count")):
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        drawn = False
+        for arch in archs:
+            line = [a for a in full if a.config.arch == arch and (xkey == "size" or a.params is not None)]
+            line.sort(key=lambda a: a.config.size if xkey == "size" else a.params)
+            if not line:
+                continue
+            x = np.array([a.config.size if xkey == "size" else a.params for a in line], dtype=float)
+            est = [a.estimates["iqm"] for a in line]
+            y = np.array([e.point for e in est])
+            ax.plot(x, y, "o-", color=colors.arch_color[arch], label=arch)
+            if seeds >= 2:
+                ax.fill_between(x, [e.low for e in est], [e.high for e in est], color=colors.arch_color[arch],
+                                alpha=0.2, linewidth=0)
+            drawn = True
+        if not drawn:
+            plt.close(fig)
+            doc.p(f"No IQM figure against {what}: no run group has a parameter count (summary.json).")
+            continue
+        ax.set_xscale("log", base=2 if xkey == "size" else 10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("IQM normalized score")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        doc.figure(_save(plt, fig, report_dir / filename),
+                   f"IQM of normalized scores against {what}, one line per architecture ({ci_text}).")
+    return full
+
+
+def _curves_section(doc: _Doc, report_dir: Path, configs: list[_Config], envs: list[str], colors: _Colors,
+                    seeds: int) -> None:
+    doc.h(2, "Learning curves")
+    have = [e for e in envs if any(e in c.groups for c in configs)]
+    if not have:
+        doc.p("Skipped: no run group has metrics yet.")
+        return
+    band = (f"the band is a {CONFIDENCE:.0%} Student-t interval of the mean over seeds" if seeds >= 2
+            else "no band: single seed")
+    doc.p(f"Mean eval return over seeds against agent steps per seed, one line per run group; {band}.")
+    plt = _pyplot()
+    fig, axes = _panels(plt, len(have))
+    for ax, env in zip(axes, have, strict=True):
+        for c in configs:
+            g = c.groups.get(env)
+            if g is None or g.returns is None or not len(g.steps):
+                continue
+            mean, low, high = _t_band(g.returns)
+            color = colors.config_color[c.key]
+            ax.plot(g.steps, mean, color=color, label=c.label)
+            if g.returns.shape[0] >= 2:
+                ax.fill_between(g.steps, low, high, color=color, alpha=0.15, linewidth=0)
+        ax.set_title(env)
+        ax.set_xlabel("agent steps per seed")
+        ax.set_ylabel("eval return")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    doc.figure(_save(plt, fig, report_dir / "fig_curves.png"),
+               f"Learning curves, mean eval return over seeds per run group, one panel per env ({band}).")
+
+
+def _bars_section(doc: _Doc, report_dir: Path, configs: list[_Config], envs: list[str], colors: _Colors,
+                  seeds: int) -> None:
+    doc.h(2, "Final scores per env")
+    _per_env_table(doc, configs, envs)
+    have = [e for e in envs if any(e in c.groups for c in configs)]
+    if not have:
+        return
+    bars = "error bars: sd over seeds" if seeds >= 2 else "no error bars: single seed"
+    doc.p(f"The final score per run group (mean over seeds of each seed's mean eval return over its last "
+          f"{SCORE_ITERATIONS} iterations), one panel per env, {bars}.")
+    plt = _pyplot()
+    fig, axes = _panels(plt, len(have), width=max(5.0, 0.45 * len(configs) + 2), height=4.2)
+    for ax, env in zip(axes, have, strict=True):
+        on = [c for c in configs if env in c.groups]
+        means = [c.groups[env].scores.mean() for c in on]
+        sds = [c.groups[env].scores.std(ddof=1) if len(c.groups[env].scores) > 1 else 0.0
+               for c in on]
+        ax.bar(range(len(on)), means, yerr=sds if seeds >= 2 else None, capsize=3,
+               color=[colors.config_color[c.key] for c in on])
+        ax.set_xticks(range(len(on)), [c.label for c in on], rotation=60, ha="right", fontsize=7)
+        ax.set_title(env)
+        ax.set_ylabel(f"score (eval return, last {SCORE_ITERATIONS} iterations)")
+        ax.grid(alpha=0.3, axis="y")
+    doc.figure(_save(plt, fig, report_dir / "fig_env_bars.png"),
+               f"Final score per run group, mean over seeds, one panel per env ({bars}).")
+
+
+def _profiles_section(doc: _Doc, report_dir: Path, full: list[_Aggregate], colors: _Colors, reps: int,
+                      seeds: int) -> None:
+    doc.h(2, "Performance profiles")
+    if not full:
+        doc.p("Skipped: no configuration has normalized scores on every normalized env.")
+        return
+    values = np.concatenate([a.matrix.ravel() for a in full])
+    taus = np.linspace(min(0.0, float(values.min())), max(1.0, float(values.max())), 101)
+    ci_text = f"{CONFIDENCE:.0%} stratified bootstrap bands" if seeds >= 2 else "no bands: single seed"
+    doc.p("Fraction of runs (seeds x envs) with normalized score above tau, per configuration, one panel per "
+          f"architecture ({ci_text}).")
+    plt = _pyplot()
+    archs = list(dict.fromkeys(a.config.arch for a in full))
+    fig, axes = _panels(plt, len(archs), height=3.6)
+    for ax, arch in zip(axes, archs, strict=True):
+        for a in sorted((a for a in full if a.config.arch == arch), key=lambda a: a.config.size):
+            color = colors.config_color[a.config.key]
+            if a.has_ci:
+                prof = stats.performance_profiles({a.config.label: a.matrix}, taus, reps, CONFIDENCE,
+                                                  BOOTSTRAP_SEED)[a.config.label]
+                ax.fill_between(taus, prof.low, prof.high, color=color, alpha=0.15, linewidth=0)
+                point = prof.point
+            else:
+                point = (a.matrix[:, :, None] > taus).mean(axis=(0, 1))
+            ax.plot(taus, point, color=color, label=a.config.label)
+        ax.set_title(arch)
+        ax.set_xlabel("normalized score tau")
+        ax.set_ylabel("fraction of runs > tau")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    doc.figure(_save(plt, fig, report_dir / "fig_profiles.png"),
+               f"Performance profiles of normalized scores per configuration ({ci_text}).")
+
+
+def _improvement_section(doc: _Doc, configs: list[_Config], reps: int) -> None:
+    doc.h(2, "Probability of improvement over dense width 1")
+    rows, missing = [], []
+    for c in configs:
+        if not c.groups or (c.point.get("moe") == "dense" and c.size == 1):
+            continue
+        base = _baseline(c, configs)
+        envs = [e for e in c.groups if base is not None and e in base.groups]
+        if base is None or not envs:
+            missing.append(c.label)
+            continue
+        x = _matrix([c.groups[e].scores for e in envs])
+        y = _matrix([base.groups[e].scores for e in envs])
+        if min(x.shape[0], y.shape[0]) >= 2:
+            est = stats.probability_of_improvement({"x": x, "y": y}, [("x", "y")], reps, CONFIDENCE,
+                                                   BOOTSTRAP_SEED)[("x", "y")]
+        else:
+            est = stats.Estimate(_improvement_point(x, y), math.nan, math.nan)
+        rows.append([c.label, base.label, ", ".join(envs), _ci(est)])
+    doc.p("P(X > Y): per env, the chance that a random seed of configuration X scores above a random seed of the "
+          "dense width-1 configuration Y of the same preset (ties count 1/2), averaged over the envs both have; "
+          f"{CONFIDENCE:.0%} bootstrap CIs over seeds (none with a single seed). It does not depend on the "
+          "normalization, so raw scores are used and every env counts.")
+    if rows:
+        doc.table(["X", "Y (baseline)", "envs", "P(X > Y)"], rows)
+    else:
+        doc.p("Skipped: no configuration has a dense width-1 baseline with scores on the same envs.")
+    if rows and missing:
+        doc.p("No baseline with scores for: " + ", ".join(missing) + ".")
+
+
+def _scaling_section(doc: _Doc, report_dir: Path, configs: list[_Config], colors: _Colors) -> None:
+    doc.h(2, "Scaling")
+    doc.p(f"Per architecture with at least 3 distinct sizes: a power law error = E + A / N^alpha fitted "
+          f"(moescale.study.scaling.fit_power_law) to every run (seed x normalized env), where error = "
+          f"1 - normalized score clipped to >= {ERROR_FLOOR:g} and N is the run group's total parameters. With "
+          "study-best normalization the best configuration's error is near 0 by construction; read E with that "
+          "in mind.")
+    try:
+        from moescale.study import scaling
+
+        fit_power_law = scaling.fit_power_law
+    except (ImportError, AttributeError) as err:
+        doc.p(f"Skipped: the power-law fit is not available ({type(err).__name__}: {err}).")
+        return
+    archs = list(dict.fromkeys(c.arch for c in configs))
+    fits, notes = [], []
+    for arch in archs:
+        n, err, sizes = [], [], []
+        for c in configs:
+            if c.arch != arch:
+                continue
+            for g in c.groups.values():
+                if g.normalized is None or g.params is None:
+                    continue
+                n += [float(g.params)] * len(g.normalized)
+                err += list(np.maximum(1.0 - g.normalized, ERROR_FLOOR))
+                sizes.append(c.size)
+        distinct = sorted(set(sizes))
+        if len(distinct) < 3:
+            notes.append(f"{arch}: skipped, {len(distinct)} distinct size(s) with normalized scores and a parameter "
+                         "count (a fit of E, A and alpha needs at least 3)")
+            continue
+        try:
+            fit = fit_power_law(np.array(n), np.array(err))
+        except Exception as error:  # noqa: BLE001 - any failure of the fit is reported, the report goes on
+            notes.append(f"{arch}: the fit failed ({type(error).__name__}: {error})")
+            continue
+        fits.append((arch, np.array(n), np.array(err), distinct, fit))
+    if fits:
+        doc.table(["architecture", "sizes", "points", "E", "A", "alpha", "Huber loss (log error)"],
+                  [[arch, ", ".join(map(str, sizes)), len(n), f"{fit.E:.4g}", f"{fit.A:.4g}", f"{fit.alpha:.4g}",
+                    f"{getattr(fit, 'huber_loss', math.nan):.3g}"] for arch, n, _, sizes, fit in fits])
+    doc.ul(notes)
+    if not fits:
+        return
+    plt = _pyplot()
+    fig, axes = _panels(plt, len(fits), height=3.8)
+    for ax, (arch, n, err, _, fit) in zip(axes, fits, strict=True):
+        color = colors.arch_color[arch]
+        ax.scatter(n, err, s=12, color=color, alpha=0.5, label="runs")
+        means = [(x, err[n == x].mean()) for x in np.unique(n)]
+        ax.plot([m[0] for m in means], [m[1] for m in means], "o", color=color, markeredgecolor="black",
+                label="mean per run group")
+        grid = np.geomspace(n.min(), n.max(), 100)
+        ax.plot(grid, fit.predict(grid), "-", color="black",
+                label=f"E + A/N^alpha: E={fit.E:.3g}, alpha={fit.alpha:.3g}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(arch)
+        ax.set_xlabel("total parameters N")
+        ax.set_ylabel("error = 1 - normalized score")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    doc.figure(_save(plt, fig, report_dir / "fig_scaling.png"),
+               "Error (1 - normalized score) against total parameters with the fitted power law, per architecture.")
+
+
+# ----------------------------------------------------------------------------------------- entry point
+
+
+def write_report(out: Path, command: str, reps: int = 2000, random_returns: dict[str, float] | None = None) -> Path:
+    """Write the report of the study in `out` to out/report/ (report.md, report.html, fig_*.png); returns the
+    Markdown file's path. `command` is the command line to quote in the header and every caption; `reps` the
+    bootstrap resamples; `random_returns` the random policy's return per env (None: 0.0 on every env).
+    ValueError (naming `study`) if `out` is not a study directory."""
+    out = Path(out)
+    spec, groups = _load_groups(out)
+    envs = list(dict.fromkeys(str(g.point["env"]) for g in spec.groups))
+    seeds_set = sorted({g.config.seeds for g in spec.groups})
+    budget_set = sorted({g.config.iterations * g.config.iteration_steps for g in spec.groups})
+    seeds = min(seeds_set)
+    seeds_text = "/".join(map(str, seeds_set))
+    budget = "/".join(f"{b:,}" for b in budget_set)
+
+    norms = _normalize(groups, envs, random_returns)
+    norm_envs = [n.env for n in norms if not n.skipped]
+    configs = _configs(groups)
+    aggs = _aggregates(configs, norm_envs, reps)
+    seeds_run = min([len(g.scores) for g in groups if g.scores is not None], default=seeds)
+    seeds = min(seeds, seeds_run)
+
+    report_dir = out / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    for old in report_dir.glob("fig_*.png"):  # figures of an earlier report that this one may not draw
+        old.unlink()
+    plural = "" if seeds_set == [1] else "s"
+    doc = _Doc(f"Study {spec.name}, {seeds_text} seed{plural}, {budget} agent steps per seed; "
+               f"command: {_code_span(command)}.")
+    _header(doc, out, spec, groups, command, seeds_text, budget)
+    _status_notes(doc, groups, seeds)
+    _normalization(doc, norms, random_returns)
+    colors = _Colors(configs)
+    full = _iqm_section(doc, report_dir, aggs, norm_envs, colors, seeds)
+    _curves_section(doc, report_dir, configs, envs, colors, seeds)
+    _bars_section(doc, report_dir, configs, envs, colors, seeds)
+    _profiles_section(doc, report_dir, full, colors, reps, seeds)
+    _improvement_section(doc, configs, reps)
+    _scaling_section(doc, report_dir, configs, colors)
+
+    md = report_dir / "report.md"
+    md.write_text(doc.markdown())
+    (report_dir / "report.html").write_text(doc.html(f"Study report: {spec.name}"))
+    return md

@@ -1,0 +1,226 @@
+"""The study report, on hand-written study directories (synthetic metrics, no training)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import scipy.stats
+import yaml
+
+from moescale.study.report import write_report
+from moescale.study.runner import prepare_study_dir
+from moescale.study.spec import parse_spec
+
+ITERATIONS = 4
+ITERATION_STEPS = 2000
+COMMAND = "moescale report out --reps 200"
+RANDOM = {"Acrobot-v1": -500.0}
+
+
+def _return(env, moe, size, seed, iteration):
+    """Eval returns that rise with size and iteration (softmoe a little above dense), plus a seed offset."""
+    skill = (1 + math.log2(size)) * (1.2 if moe == "softmoe" else 1.0) * iteration / ITERATIONS
+    if env == "CartPole-v1":
+        return 20.0 + 60.0 * skill + 4.0 * seed
+    return -500.0 + 90.0 * skill + 3.0 * seed
+
+
+def _params(moe, size):
+    return 1000 * size * size if moe == "dense" else 1500 + 700 * size
+
+
+def _write_metrics(run_dir, group, seeds, scale=1.0):
+    rows = []
+    for seed in range(seeds):
+        for it in range(1, ITERATIONS + 1):
+            value = scale * _return(group.point["env"], group.point["moe"], group.point["size"], seed, it)
+            rows.append({"iteration": it, "seed": seed, "agent_steps": it * ITERATION_STEPS, "episodes": 10 * it,
+                         "train_return": value - 1.0, "eval_return": value, "loss": 1.0 / it, "mean_q": float(it),
+                         "steps_per_second": 1000.0, "wall_seconds": 2.0 * it})
+    pq.write_table(pa.Table.from_pylist(rows), run_dir / "metrics.parquet")
+    return rows
+
+
+def make_study(root, envs, layers, seeds, failed=(), no_metrics=()):
+    """A study directory as the runner leaves it: spec.yaml, study.json and runs/<group>/ files.
+
+    Groups in `failed` get error.json (and metrics far above every other group, which must not count); groups in
+    `no_metrics` get no directory at all. Returns (spec, out, {group name: metric rows} of the scored groups).
+    """
+    raw = {"name": "fake", "preset": "classic-dqn", "envs": list(envs), "layers": layers, "seeds": seeds,
+           "steps": ITERATIONS * ITERATION_STEPS,
+           "set": {"iteration_steps": ITERATION_STEPS, "agent.min_replay": 500}}
+    spec = parse_spec(raw)
+    out = root / "study"
+    prepare_study_dir(spec, out)
+    scored = {}
+    for group in spec.groups:
+        if group.name in no_metrics:
+            continue
+        run_dir = out / "runs" / group.name
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(group.config.to_dict(), sort_keys=False))
+        if group.name in failed:
+            _write_metrics(run_dir, group, seeds, scale=10.0)
+            (run_dir / "error.json").write_text(json.dumps({"error": "FloatingPointError: non-finite loss",
+                                                            "traceback": "..."}))
+            continue
+        scored[group.name] = _write_metrics(run_dir, group, seeds)
+        summary = {"params": {"total": _params(group.point["moe"], group.point["size"])}, "device": "cpu"}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    return spec, out, scored
+
+
+def _name(env, layer):
+    return f"classic-dqn__{env}__{layer}"
+
+
+ENVS = ("CartPole-v1", "Acrobot-v1")
+LAYERS = [{"moe": "dense", "widths": [1, 2, 4]}, {"moe": "softmoe", "experts": [1, 2, 4, 8]}]
+FAILED = _name("CartPole-v1", "softmoe-8")
+NO_METRICS = _name("Acrobot-v1", "softmoe-8")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    spec, out, scored = make_study(root, ENVS, LAYERS, seeds=3, failed=[FAILED], no_metrics=[NO_METRICS])
+    md = write_report(out, COMMAND, reps=200, random_returns=RANDOM)
+    return spec, out, scored, md
+
+
+def _section(text, title):
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def _row(text, first_cell):
+    """The cells of the Markdown table row starting with `first_cell`."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no table row {first_cell!r}")
+
+
+def _score(rows, seed):
+    last = sorted((r for r in rows if r["seed"] == seed), key=lambda r: r["iteration"])[-3:]
+    return float(np.mean([r["eval_return"] for r in last]))
+
+
+class TestReport:
+    def test_writes_markdown_html_and_valid_figures(self, study):
+        _, out, _, md = study
+        assert md == out / "report" / "report.md"
+        text = md.read_text()
+        page = (out / "report" / "report.html").read_text()
+        figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+        assert {"fig_iqm_size.png", "fig_iqm_params.png", "fig_curves.png", "fig_env_bars.png", "fig_profiles.png",
+                "fig_scaling.png"} <= set(figures)
+        assert sorted(re.findall(r'<img src="([^"]+)"', page)) == sorted(figures)
+        for name in figures:
+            assert (out / "report" / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), name
+        assert "<script" not in page and "<link" not in page and "http" not in page.split("<body>")[1]
+        assert "<table>" in page and "<h2>Scaling</h2>" in page and "<pre><code>" in page
+
+    def test_header_and_every_caption_name_the_study(self, study):
+        spec, out, _, md = study
+        text = md.read_text()
+        assert "# Study report: fake" in text
+        assert spec.fingerprint() in text and "Device: cpu" in text and "Seeds: 3" in text
+        assert f"{ITERATIONS * ITERATION_STEPS:,} agent steps per seed" in text
+        assert f"`{COMMAND}`" in text and "steps: 8000" in text  # the spec's YAML
+        captions = [line for line in text.splitlines() if line.startswith("*Figure")]
+        assert len(captions) == 6
+        for caption in captions:
+            assert f"Study fake, 3 seeds, {ITERATIONS * ITERATION_STEPS:,} agent steps per seed" in caption
+            assert f"`{COMMAND}`" in caption
+
+    def test_iqm_table_matches_a_direct_computation(self, study):
+        _, _, scored, md = study
+        text = md.read_text()
+        random = {"CartPole-v1": 0.0, "Acrobot-v1": RANDOM["Acrobot-v1"]}
+        columns = []
+        for env in ENVS:
+            reference = max(np.mean([_score(rows, s) for s in range(3)])
+                            for name, rows in scored.items() if f"__{env}__" in name)
+            scores = np.array([_score(scored[_name(env, "softmoe-2")], s) for s in range(3)])
+            columns.append((scores - random[env]) / (reference - random[env]))
+        expected = scipy.stats.trim_mean(np.stack(columns, axis=1), 0.25, axis=None)
+        cells = _row(_section(text, "Aggregate IQM"), "softmoe x2")
+        assert cells[1:5] == ["2", f"{_params('softmoe', 2):,}", "2/2", "3"]
+        iqm, low, high = (float(v) for v in re.fullmatch(r"(\S+) \[(\S+), (\S+)\]", cells[5]).groups())
+        assert iqm == pytest.approx(expected, abs=5e-4)
+        assert low <= iqm <= high
+        # The largest scored configuration is the study's best on both envs: its mean normalized score is 1.
+        assert _row(_section(text, "Final scores per env"), "softmoe x4")[1].endswith("(1.000)")
+
+    def test_failed_and_missing_groups_are_listed_and_left_out(self, study):
+        _, _, _, md = study
+        text = md.read_text()
+        runs = _section(text, "Run groups")
+        assert f"`{FAILED}`: FloatingPointError: non-finite loss" in runs
+        assert f"`{NO_METRICS}` (pending)" in runs and "no metrics yet" in runs
+        assert "No random-policy return was given for CartPole-v1" in text
+        assert "softmoe x8" not in _section(text, "Aggregate IQM")  # the failed group's huge returns do not count
+
+    def test_scaling_fits_architectures_with_three_sizes(self, study):
+        _, _, _, md = study
+        scaling = _section(md.read_text(), "Scaling")
+        for arch, sizes in (("dense", "1, 2, 4"), ("softmoe", "1, 2, 4")):
+            cells = _row(scaling, arch)
+            assert cells[1] == sizes and cells[2] == "18"  # 3 sizes x 2 envs x 3 seeds
+            assert float(cells[5]) >= 0  # alpha
+        assert "fig_scaling.png" in scaling
+
+    def test_probability_of_improvement_over_dense_width_1(self, study):
+        _, _, _, md = study
+        poi = _section(md.read_text(), "Probability of improvement")
+        cells = _row(poi, "softmoe x4")
+        assert cells[1] == "dense x1" and cells[2] == "CartPole-v1, Acrobot-v1"
+        assert float(cells[3].split()[0]) == pytest.approx(1.0)  # every seed of softmoe x4 beats every dense x1 seed
+
+    def test_env_below_the_random_score_is_not_normalized(self, study, tmp_path):
+        _, out, _, _ = study
+        copy = tmp_path / "copy"
+        shutil.copytree(out, copy)
+        text = write_report(copy, COMMAND, reps=200).read_text()
+        assert "No random-policy returns were given: random = 0.0 on every env." in text
+        assert "| Acrobot-v1 | 0 (assumed) |" in text and "is below the random score" in text
+        assert _row(_section(text, "Aggregate IQM"), "softmoe x2")[3] == "1/1"
+
+
+def test_single_seed_single_env(tmp_path):
+    layers = [{"moe": "dense", "widths": [1, 2]}, {"moe": "softmoe", "experts": [1, 2, 4]}]
+    _, out, _, = make_study(tmp_path, ["CartPole-v1"], layers, seeds=1)
+    text = write_report(out, COMMAND, reps=200).read_text()
+    assert "Single seed: no confidence intervals" in text
+    iqm = _row(_section(text, "Aggregate IQM"), "softmoe x2")[5]
+    assert re.fullmatch(r"\d+\.\d{3}", iqm)  # a point estimate, no interval
+    scaling = _section(text, "Scaling")
+    assert "dense: skipped, 2 distinct size(s)" in scaling
+    assert _row(scaling, "softmoe")[1] == "1, 2, 4"
+    for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (out / "report" / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_not_a_study_directory(tmp_path):
+    with pytest.raises(ValueError, match="^study=.*not a study directory"):
+        write_report(tmp_path, COMMAND, reps=200)
+
+
+def test_study_without_metrics_still_reports(tmp_path):
+    _, out, _ = make_study(tmp_path, ["CartPole-v1"], [{"moe": "dense", "widths": [1]}], seeds=2,
+                           no_metrics=[_name("CartPole-v1", "dense-1")])
+    text = write_report(out, COMMAND, reps=200).read_text()
+    assert f"`{_name('CartPole-v1', 'dense-1')}` (pending)" in text
+    assert "Skipped: no configuration has normalized scores." in text and "![" not in text
+    assert (out / "report" / "report.html").is_file()
