@@ -217,3 +217,29 @@ class TestRayExecutor:
             with pytest.raises(ValueError, match=match):
                 run_study(s, tmp_path / "x", progress=False, **kwargs)
         assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name, groups", [("demo", 5), ("paper-fig1-minatar", 120), ("tokenization", 10)])
+def test_shipped_specs_parse(name, groups):
+    from pathlib import Path
+
+    s = load_spec(Path(__file__).resolve().parents[1] / "studies" / f"{name}.yaml")
+    assert len(s.groups) == groups and s.name == name
+
+
+def test_tokenization_spec_networks_build():
+    from pathlib import Path
+
+    from moescale.envs import make_env
+    from moescale.networks import build_network
+
+    s = load_spec(Path(__file__).resolve().parents[1] / "studies" / "tokenization.yaml")
+    tokens = {}
+    for g in s.groups:
+        env = make_env(g.config.env)
+        info = build_network(g.config.network, env.obs_shape, env.num_actions, env.obs_dtype).info
+        tokens[(g.config.network.moe, g.config.network.token_kind)] = info.token_shape
+    # MinAtar's 10x10x16 feature map: 100 tokens of 16, 16 of 100, 1 of 1600, 25 2x2 patches projected to 16
+    assert tokens == {("dense", "per_sample"): (1, 1600), ("softmoe", "per_conv"): (100, 16),
+                      ("softmoe", "per_feature"): (16, 100), ("softmoe", "per_sample"): (1, 1600),
+                      ("softmoe", "per_patch"): (25, 16)}
