@@ -224,3 +224,32 @@ def test_study_without_metrics_still_reports(tmp_path):
     assert f"`{_name('CartPole-v1', 'dense-1')}` (pending)" in text
     assert "Skipped: no configuration has normalized scores." in text and "![" not in text
     assert (out / "report" / "report.html").is_file()
+
+
+def test_optimal_learning_rate_follows_a_power_law_of_size(tmp_path):
+    # Best learning rate per width: 4e-4, 2e-4, 1e-4 at 1,000, 4,000 and 16,000 parameters, so
+    # opt(N) = C N^gamma with gamma = -0.5 and C = 4e-4 * 1000^0.5 = 0.012649.
+    raw = {"name": "lr", "preset": "classic-dqn", "envs": ["CartPole-v1"], "layers": [{"moe": "dense",
+           "widths": [1, 2, 4]}], "seeds": 2, "steps": 2 * ITERATION_STEPS,
+           "set": {"iteration_steps": ITERATION_STEPS, "agent.min_replay": 500},
+           "sweep": {"agent.learning_rate": [1e-4, 2e-4, 4e-4]}}
+    spec = parse_spec(raw)
+    out = tmp_path / "study"
+    prepare_study_dir(spec, out)
+    best = {1: 4e-4, 2: 2e-4, 4: 1e-4}
+    for group in spec.groups:
+        run_dir = out / "runs" / group.name
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(group.config.to_dict(), sort_keys=False))
+        size, lr = group.point["size"], group.point["agent.learning_rate"]
+        value = 100.0 - 10.0 * abs(math.log2(lr / best[size]))
+        rows = [{"iteration": it, "seed": seed, "agent_steps": it * ITERATION_STEPS, "episodes": it,
+                 "train_return": value, "eval_return": value + seed, "loss": 1.0, "mean_q": 1.0,
+                 "steps_per_second": 1.0, "wall_seconds": 1.0} for seed in range(2) for it in (1, 2)]
+        pq.write_table(pa.Table.from_pylist(rows), run_dir / "metrics.parquet")
+        (run_dir / "summary.json").write_text(json.dumps({"params": {"total": 1000 * size * size}}))
+    text = write_report(out, COMMAND, reps=200, random_returns={"CartPole-v1": 20.0}).read_text()
+    section = _section(text, "Optimal hyperparameters against model size")
+    row = _row(section, "agent.learning_rate")
+    assert row[2] == "1, 2, 4" and row[3] == "0.0004, 0.0002, 0.0001"
+    assert float(row[4]) == pytest.approx(4e-4 * 1000**0.5, rel=1e-3) and float(row[5]) == pytest.approx(-0.5)
