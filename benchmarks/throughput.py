@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from moescale.presets import apply_overrides, get_preset
-from moescale.replay import replay_init
-from moescale.replay.nstep import nstep_batch
+from moescale.study.runner import update_seconds
 from moescale.train.anakin import make_trainer, seed_keys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,21 +73,7 @@ def compiled_sps(arch: str, seeds: int, layout: str, iteration_steps: int, repea
 
 def update_ms(arch: str, repeats: int = 50) -> float:
     """Median time of one jitted DQN update (batch 32) of the arch, in ms."""
-    trainer = make_trainer(apply_overrides(get_preset("minatar-dqn"), ARCHS[arch]))
-    state = trainer.agent.init(jax.random.key(0))
-    idx = jnp.arange(trainer.config.agent.batch_size) % 10
-    batch = nstep_batch(replay_init(10, trainer.example), idx, 1, trainer.config.agent.gamma)
-    update = jax.jit(trainer.agent.update)
-    key = jax.random.key(2)
-    state, _ = update(state, batch, key)
-    times = []
-    for _ in range(repeats):
-        jax.block_until_ready(state)
-        t0 = time.perf_counter()
-        state, _ = update(state, batch, key)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * update_seconds(apply_overrides(get_preset("minatar-dqn"), ARCHS[arch]), repeats)
 
 
 def main(argv: list[str] | None = None) -> int:

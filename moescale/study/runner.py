@@ -27,6 +27,7 @@ import yaml
 from tqdm import tqdm
 
 from moescale import checks
+from moescale.config import TrainConfig
 from moescale.study.spec import RunGroup, StudySpec
 
 STATUSES = ("pending", "started", "interrupted", "failed", "done")
@@ -68,8 +69,10 @@ def prepare_study_dir(spec: StudySpec, out: Path) -> None:
                                       "groups": [g.name for g in spec.groups]}, indent=2))
 
 
-def update_seconds(group: RunGroup, repeats: int = 5) -> float:
-    """Median time of one jitted update of the group's agent (its network and batch) on this machine."""
+def update_seconds(config: TrainConfig, repeats: int = 5) -> float:
+    """Median time of one jitted update of the config's agent (its network and batch) on this machine."""
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
 
@@ -77,11 +80,8 @@ def update_seconds(group: RunGroup, repeats: int = 5) -> float:
     from moescale.replay.nstep import nstep_batch
     from moescale.train.anakin import make_trainer
 
-    config = group.config
-    if config.dataset is not None:  # the plan needs no data: time the update on zeros of the env's shapes
-        import dataclasses
-        config = dataclasses.replace(config, dataset=None)
-    trainer = make_trainer(config)
+    # The update's cost does not depend on the data: an offline config is timed on zeros of the env's shapes.
+    trainer = make_trainer(dataclasses.replace(config, dataset=None))
     state = trainer.agent.init(jax.random.key(0))
     idx = jnp.arange(config.agent.batch_size) % 10
     batch = nstep_batch(replay_init(10, trainer.example), idx, 1, config.agent.gamma)
@@ -117,7 +117,7 @@ def plan(spec: StudySpec, out: Path | None = None, measure: bool = True) -> list
         row = {"group": group.name, **group.point, "seeds": config.seeds, "params": info.params["total"],
                "agent_steps": config.seeds * config.iterations * config.iteration_steps,
                "status": group_status(out / "runs" / group.name) if out is not None else "pending"}
-        row["estimate_s"] = updates * update_seconds(group) if measure else None
+        row["estimate_s"] = updates * update_seconds(config) if measure else None
         rows.append(row)
     return rows
 
