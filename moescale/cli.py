@@ -154,10 +154,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from moescale.study.report import write_report
     from moescale.study.spec import load_spec
 
-    spec = load_spec(args.study / "spec.yaml") if (args.study / "spec.yaml").exists() else None
-    if spec is None:
+    if not (args.study / "spec.yaml").exists():
         raise ValueError(f"study={str(args.study)!r}: is not a study directory (no spec.yaml); run `moescale study` "
                          "first")
+    spec = load_spec(args.study / "spec.yaml")
     envs = sorted({g.config.env for g in spec.groups})
     # The zero point of normalized scores: the uniformly random policy's mean return (100 episodes, seed 0).
     random = {env: float(np.mean(random_policy_returns(env, episodes=100))) for env in envs}

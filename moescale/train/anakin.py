@@ -60,6 +60,11 @@ class RoundStats:
     return_sum: jax.Array
     episodes: jax.Array
 
+    def counted(self, metrics: dict[str, jax.Array]) -> RoundStats:
+        """These sums with one more update's loss and mean Q added."""
+        return self.replace(loss=self.loss + metrics["loss"], mean_q=self.mean_q + metrics["mean_q"],
+                            updates=self.updates + 1)
+
 
 class RoundCarry(NamedTuple):
     """What the scan over rounds carries: all seeds' states (S,), their stats (S,), the shared step."""
@@ -198,8 +203,7 @@ def make_trainer(config: TrainConfig, offline: OfflineData | None = None) -> Tra
             agent_state, m = agent.update(agent_state, batch, key_update)
             if prioritized:  # a small floor keeps every transition sampleable (Schaul et al. 2016, section 3.3)
                 replay = per_update(replay, idx, m["priority"] + PRIORITY_FLOOR, alpha)
-            stats = stats.replace(loss=stats.loss + m["loss"], mean_q=stats.mean_q + m["mean_q"],
-                                  updates=stats.updates + 1)
+            stats = stats.counted(m)
         return seed.replace(agent=agent_state, replay=replay, key=key), stats
 
     def sync_seed(seed: SeedState, stats: None) -> tuple[SeedState, None]:
@@ -214,8 +218,7 @@ def make_trainer(config: TrainConfig, offline: OfflineData | None = None) -> Tra
         idx = sample_indices(data, key_sample, acfg.batch_size)
         batch = nstep_batch(data, idx, acfg.n_step, acfg.gamma, offline.stride)
         agent_state, m = agent.update(seed.agent, batch, key_update)
-        stats = stats.replace(loss=stats.loss + m["loss"], mean_q=stats.mean_q + m["mean_q"],
-                              updates=stats.updates + 1)
+        stats = stats.counted(m)
         return seed.replace(agent=agent_state, key=key), stats
 
     def offline_round(carry: RoundCarry, data: ReplayState) -> RoundCarry:
