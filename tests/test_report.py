@@ -36,11 +36,11 @@ def _params(moe, size):
     return 1000 * size * size if moe == "dense" else 1500 + 700 * size
 
 
-def _write_metrics(run_dir, group, seeds, scale=1.0):
+def _write_metrics(run_dir, group, seeds, scale=1.0, value_fn=_return, iterations=ITERATIONS):
     rows = []
     for seed in range(seeds):
-        for it in range(1, ITERATIONS + 1):
-            value = scale * _return(group.point["env"], group.point["moe"], group.point["size"], seed, it)
+        for it in range(1, iterations + 1):
+            value = scale * value_fn(group.point["env"], group.point["moe"], group.point["size"], seed, it)
             rows.append({"iteration": it, "seed": seed, "agent_steps": it * ITERATION_STEPS, "episodes": 10 * it,
                          "train_return": value - 1.0, "eval_return": value, "loss": 1.0 / it, "mean_q": float(it),
                          "steps_per_second": 1000.0, "wall_seconds": 2.0 * it})
@@ -48,14 +48,15 @@ def _write_metrics(run_dir, group, seeds, scale=1.0):
     return rows
 
 
-def make_study(root, envs, layers, seeds, failed=(), no_metrics=()):
+def make_study(root, envs, layers, seeds, failed=(), no_metrics=(), value_fn=_return, iterations=ITERATIONS):
     """A study directory as the runner leaves it: spec.yaml, study.json and runs/<group>/ files.
 
     Groups in `failed` get error.json (and metrics far above every other group, which must not count); groups in
-    `no_metrics` get no directory at all. Returns (spec, out, {group name: metric rows} of the scored groups).
+    `no_metrics` get no directory at all. value_fn(env, moe, size, seed, iteration) gives the eval returns.
+    Returns (spec, out, {group name: metric rows} of the scored groups).
     """
     raw = {"name": "fake", "preset": "classic-dqn", "envs": list(envs), "layers": layers, "seeds": seeds,
-           "steps": ITERATIONS * ITERATION_STEPS,
+           "steps": iterations * ITERATION_STEPS,
            "set": {"iteration_steps": ITERATION_STEPS, "agent.min_replay": 500}}
     spec = parse_spec(raw)
     out = root / "study"
@@ -68,11 +69,11 @@ def make_study(root, envs, layers, seeds, failed=(), no_metrics=()):
         run_dir.mkdir(parents=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(group.config.to_dict(), sort_keys=False))
         if group.name in failed:
-            _write_metrics(run_dir, group, seeds, scale=10.0)
+            _write_metrics(run_dir, group, seeds, scale=10.0, value_fn=value_fn, iterations=iterations)
             (run_dir / "error.json").write_text(json.dumps({"error": "FloatingPointError: non-finite loss",
                                                             "traceback": "..."}))
             continue
-        scored[group.name] = _write_metrics(run_dir, group, seeds)
+        scored[group.name] = _write_metrics(run_dir, group, seeds, value_fn=value_fn, iterations=iterations)
         summary = {"params": {"total": _params(group.point["moe"], group.point["size"])}, "device": "cpu"}
         (run_dir / "summary.json").write_text(json.dumps(summary))
     return spec, out, scored
@@ -124,7 +125,7 @@ class TestReport:
         page = (out / "report" / "report.html").read_text()
         figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
         assert {"fig_iqm_size.png", "fig_iqm_params.png", "fig_curves.png", "fig_env_bars.png", "fig_profiles.png",
-                "fig_scaling.png"} <= set(figures)
+                "fig_scaling.png", "fig_chinchilla.png"} <= set(figures)
         assert sorted(re.findall(r'<img src="([^"]+)"', page)) == sorted(figures)
         for name in figures:
             assert (out / "report" / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), name
@@ -139,7 +140,7 @@ class TestReport:
         assert f"{ITERATIONS * ITERATION_STEPS:,} agent steps per seed" in text
         assert f"`{COMMAND}`" in text and "steps: 8000" in text  # the spec's YAML
         captions = [line for line in text.splitlines() if line.startswith("*Figure")]
-        assert len(captions) == 6
+        assert len(captions) == 7
         for caption in captions:
             assert f"Study fake, 3 seeds, {ITERATIONS * ITERATION_STEPS:,} agent steps per seed" in caption
             assert f"`{COMMAND}`" in caption
@@ -178,8 +179,16 @@ class TestReport:
         for arch, sizes in (("dense", "1, 2, 4"), ("softmoe", "1, 2, 4")):
             cells = _row(scaling, arch)
             assert cells[1] == sizes and cells[2] == "18"  # 3 sizes x 2 envs x 3 seeds
-            assert float(cells[5]) >= 0  # alpha
-        assert "fig_scaling.png" in scaling
+            alpha = float(cells[5])
+            low, high = (float(v) for v in re.fullmatch(r"\[(\S+), (\S+)\]", cells[7]).groups())
+            assert alpha >= 0 and low <= alpha <= high and low < high  # the seeds differ: a real interval
+            assert re.fullmatch(r"\[\S+, \S+\]", cells[8])  # E's interval
+            assert f"{arch}: skipped, 3 distinct size(s) (the held-out check needs at least 4" in scaling
+            chinchilla = _row(_section(scaling, "Parameters and data (Chinchilla)"), arch)
+            assert chinchilla[1:4] == [sizes, "2,000 to 8,000 (4 values)", "72"]  # x 4 evaluations
+            assert all(float(v) >= 0 for v in chinchilla[6:9:2])  # alpha, beta
+        assert "fig_scaling.png" in scaling and "fig_chinchilla.png" in scaling
+        assert "before 25% of the run group's budget" in scaling
 
     def test_probability_of_improvement_over_dense_width_1(self, study):
         _, _, _, md = study
@@ -207,7 +216,10 @@ def test_single_seed_single_env(tmp_path):
     assert re.fullmatch(r"\d+\.\d{3}", iqm)  # a point estimate, no interval
     scaling = _section(text, "Scaling")
     assert "dense: skipped, 2 distinct size(s)" in scaling
-    assert _row(scaling, "softmoe")[1] == "1, 2, 4"
+    cells = _row(scaling, "softmoe")
+    assert cells[1] == "1, 2, 4" and cells[7:9] == ["- (single seed)", "- (single seed)"]
+    assert "dense: skipped, 2 distinct size(s) and 4 distinct D after the cut" in scaling
+    assert _row(_section(scaling, "Parameters and data (Chinchilla)"), "softmoe")[1] == "1, 2, 4"
     for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (out / "report" / name).read_bytes().startswith(b"\x89PNG")
 
@@ -253,3 +265,60 @@ def test_optimal_learning_rate_follows_a_power_law_of_size(tmp_path):
     row = _row(section, "agent.learning_rate")
     assert row[2] == "1, 2, 4" and row[3] == "0.0004, 0.0002, 0.0001"
     assert float(row[4]) == pytest.approx(4e-4 * 1000**0.5, rel=1e-3) and float(row[5]) == pytest.approx(-0.5)
+    # Two evaluations per seed: too few data sizes for the fit in parameters and data.
+    assert "dense learning_rate=0.0001: skipped, 3 distinct size(s) and 2 distinct D after the cut" in text
+
+
+# Errors that follow error = E + A / N^alpha + B / D^beta exactly on every learning-curve point from 4,000 agent
+# steps on; iteration 1 (2,000 of 10,000 steps, before the 25% cut) is far off the law and must be dropped. The
+# dense width-1 group returns 100 throughout and is the reference, so with random 0 the error is 1 - return / 100.
+LAW = {"E": 0.05, "A": 20.0, "alpha": 0.5, "B": 60.0, "beta": 0.7}
+LAW_ITERATIONS = 5
+
+
+def _law(n, d):
+    return LAW["E"] + LAW["A"] * n ** -LAW["alpha"] + LAW["B"] * d ** -LAW["beta"]
+
+
+def _law_return(env, moe, size, seed, iteration):
+    if moe == "dense":
+        return 100.0
+    if iteration == 1:
+        return 5.0
+    return 100.0 * (1.0 - _law(_params(moe, size), iteration * ITERATION_STEPS))
+
+
+def test_scaling_recovers_a_known_law(tmp_path):
+    layers = [{"moe": "dense", "widths": [1]}, {"moe": "softmoe", "experts": [1, 2, 4, 8]}]
+    _, out, _ = make_study(tmp_path, ["CartPole-v1"], layers, seeds=2, value_fn=_law_return,
+                           iterations=LAW_ITERATIONS)
+    text = write_report(out, COMMAND, reps=200, random_returns={"CartPole-v1": 0.0}).read_text()
+    scaling = _section(text, "Scaling")
+    # A final score is the mean of the last 3 evaluations, so the power law in N holds with E shifted by the mean
+    # data term over them.
+    last = [it * ITERATION_STEPS for it in range(LAW_ITERATIONS - 2, LAW_ITERATIONS + 1)]
+    e_final = LAW["E"] + np.mean([LAW["B"] * d ** -LAW["beta"] for d in last])
+    cells = _row(scaling, "softmoe")
+    assert cells[1:3] == ["1, 2, 4, 8", "8"]
+    assert [float(v) for v in cells[3:6]] == pytest.approx([e_final, LAW["A"], LAW["alpha"]], rel=2e-3)
+    # Both seeds are the same: every resample gives the same fit, the interval is the point.
+    low, high = (float(v) for v in re.fullmatch(r"\[(\S+), (\S+)\]", cells[7]).groups())
+    assert low == pytest.approx(LAW["alpha"], rel=2e-3) and high == pytest.approx(LAW["alpha"], rel=2e-3)
+    assert "with 2 seeds only 3 distinct resamples exist" in scaling
+    assert "dense: skipped, 1 distinct size(s) with normalized scores" in scaling
+
+    held = _row(_section(scaling, "Held-out check"), "softmoe")
+    observed = e_final + LAW["A"] * _params("softmoe", 8) ** -LAW["alpha"]
+    assert held[1:4] == ["x8", f"{_params('softmoe', 8):,}", "1, 2, 4"]
+    assert float(held[4]) == pytest.approx(observed, rel=2e-3) and float(held[5]) == pytest.approx(observed, rel=2e-3)
+    assert abs(float(held[6].rstrip("%"))) < 0.2  # relative error, percent
+    assert "dense: skipped, 1 distinct size(s) (the held-out check needs at least 4" in scaling
+    assert "normalization reference" not in scaling  # softmoe x8 is not the study's best
+
+    chinchilla = _section(scaling, "Parameters and data (Chinchilla)")
+    row = _row(chinchilla, "softmoe")
+    assert row[1:4] == ["1, 2, 4, 8", "4,000 to 10,000 (4 values)", "32"]  # 4 sizes x 4 kept evaluations x 2 seeds
+    fitted = dict(zip(("E", "A", "alpha", "B", "beta"), (float(v) for v in row[4:9]), strict=True))
+    assert fitted == pytest.approx(LAW, rel=1e-2)
+    assert "dense: skipped, 1 distinct size(s) and 4 distinct D after the cut" in chinchilla
+    assert (out / "report" / "fig_chinchilla.png").read_bytes().startswith(b"\x89PNG")
