@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from moescale import checks
+from moescale.layers.probes import sow_activation
 from moescale.layers.routing import sow_aux_loss, sow_routing, wants_routing
 
 
@@ -52,6 +53,7 @@ class DenseMLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
         h = nn.relu(xavier_dense(self.width, self.dtype, "hidden", self.param_dtype)(x))  # (..., T, H)
+        sow_activation(self, "hidden", h)
         y = xavier_dense(d, self.dtype, "out", self.param_dtype)(h) if self.project else h
         sow_aux_loss(self, 0.0)
         if wants_routing(self):

@@ -42,6 +42,7 @@ class SoftMoE(nn.Module):
     slots_per_expert=None uses ceil(T * capacity_factor / E). normalize l2-normalizes tokens and Phi
     over D and scales the logits by one learnable scalar (init 1). random_phi keeps Phi at its initial
     value (the paper's random-routing ablation): it is a parameter that receives no gradient.
+    expert_bias=False makes the experts bias-free (Chung et al. 2025's small setting).
     """
 
     num_experts: int
@@ -52,6 +53,7 @@ class SoftMoE(nn.Module):
     random_phi: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    expert_bias: bool = True
 
     def __post_init__(self) -> None:
         checks.positive_int("num_experts", self.num_experts)
@@ -83,7 +85,8 @@ class SoftMoE(nn.Module):
         dispatch, combine = soft_moe_weights(xr, phir)  # (..., T, E, S) each
         xc = x.astype(self.dtype)
         slots = jnp.einsum("...tes,...td->...esd", dispatch.astype(self.dtype), xc)  # (..., E, S, D)
-        outs = Experts(e, self.expert_hidden, self.dtype, self.param_dtype, name="experts")(slots)
+        outs = Experts(e, self.expert_hidden, self.dtype, self.param_dtype, self.expert_bias,
+                       name="experts")(slots)
         y = jnp.einsum("...tes,...esd->...td", combine.astype(self.dtype), outs)  # (..., T, D)
 
         sow_aux_loss(self, 0.0)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from moescale import checks
 from moescale.layers.dense import xavier_dense
+from moescale.layers.probes import sow_activation
 
 Dtype = Any
 
@@ -73,6 +74,7 @@ class NatureCNN(nn.Module):
         # (features, kernel, stride) from Mnih et al. 2015, "Methods: model architecture".
         for i, (features, kernel, stride) in enumerate(((32, 8, 4), (64, 4, 2), (64, 3, 1))):
             x = nn.relu(_conv(features, kernel, stride, "VALID", self.dtype, f"conv_{i}")(x))
+            sow_activation(self, f"conv_{i}", x)
         return x.reshape((*lead, *x.shape[1:]))
 
 
@@ -113,6 +115,7 @@ class ImpalaCNN(nn.Module):
                 x = _ImpalaResidualBlock(ch, self.dtype, name=f"stack_{i}_res_{j}")(x)
         # The residual stream is never rectified inside the stacks, hence the final ReLU.
         x = nn.relu(x)
+        sow_activation(self, "out", x)
         return x.reshape((*lead, *x.shape[1:]))
 
 
@@ -132,6 +135,7 @@ class MinAtarCNN(nn.Module):
         x, lead = _flatten_batch(x, "MinAtarCNN")
         x = preprocess(x, self.dtype)
         x = nn.relu(_conv(self.features, 3, 1, "SAME", self.dtype, "conv_0")(x))
+        sow_activation(self, "conv_0", x)
         return x.reshape((*lead, *x.shape[1:]))
 
 
@@ -154,6 +158,7 @@ class MLPEncoder(nn.Module):
         for i, width in enumerate(self.hidden):
             x = xavier_dense(width, self.dtype, f"dense_{i}")(x)
             x = nn.relu(x)
+            sow_activation(self, f"dense_{i}", x)
         return x[..., None, None, :]
 
 

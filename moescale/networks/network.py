@@ -27,6 +27,7 @@ from moescale.layers import (
     token_shape,
     topk_capacity,
 )
+from moescale.layers.probes import sow_features
 from moescale.networks.encoders import make_encoder
 from moescale.networks.heads import HeadOutput, QHead
 
@@ -66,7 +67,8 @@ class QNetwork(nn.Module):
     """Observations (B..., *obs) -> HeadOutput(q_values (B..., A), logits (B..., A, N) or None).
 
     Sows each MoE layer's auxiliary loss into "aux_loss" and, when "routing" is mutable, its routing
-    statistics. deterministic=False turns on noisy-net noise (rng "noise") and router noise ("router").
+    statistics; when "activations" / "features" are mutable, every ReLU output and the penultimate features
+    (moescale.layers.probes). deterministic=False turns on noisy-net noise (rng "noise") and router noise ("router").
     """
 
     config: NetworkConfig
@@ -81,6 +83,7 @@ class QNetwork(nn.Module):
         layer = make_penultimate(cfg)
         tokens = layer(tokens, deterministic) if cfg.moe == "topk" else layer(tokens)
         features = aggregate(tokens, cfg.aggregation)  # (B..., F)
+        sow_features(self, features)
         head = QHead(self.num_actions, cfg.dueling, cfg.num_atoms if cfg.head == "c51" else None,
                      cfg.v_min, cfg.v_max, cfg.noisy, cfg.noisy_sigma0, dtype=_dtype(cfg), name="head")
         out = head(features, deterministic=deterministic)

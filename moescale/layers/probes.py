@@ -1,0 +1,31 @@
+"""Activation probes for analysis: layers sow what the analysis needs, at no cost unless asked for.
+
+Two flax collections, each filled only when the caller makes it mutable:
+  "activations"  every ReLU layer's output as (N, units): N counts everything a unit is averaged over
+                 (batch, spatial positions, tokens or slots), units its neurons (conv channels, hidden units;
+                 for experts, expert x hidden unit). Dormant-neuron fractions are computed from these.
+  "features"     the penultimate features the head reads, (B..., F), for srank and feature norms.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+ACTIVATIONS = "activations"
+FEATURES = "features"
+RELU_SUFFIX = "_relu"
+
+
+def sow_activation(module: nn.Module, name: str, x: jax.Array, units: int | None = None) -> None:
+    """Record a ReLU output with its neurons on the last axis (or the last `units` values, flattened)."""
+    if module.is_mutable_collection(ACTIVATIONS):
+        width = x.shape[-1] if units is None else units
+        # The suffix keeps the sown name apart from a submodule's name (flax scopes share one namespace).
+        module.sow(ACTIVATIONS, name + RELU_SUFFIX, x.reshape(-1, width))
+
+
+def sow_features(module: nn.Module, x: jax.Array) -> None:
+    """Record the penultimate features (B..., F)."""
+    if module.is_mutable_collection(FEATURES):
+        module.sow(FEATURES, "penultimate_features", x)
