@@ -229,12 +229,20 @@ class TrainConfig:
     dataset_subset: float = 1.0  # fraction of the recorded seed's transitions to keep, in (0, 1]
     dataset_mode: str = "first"  # which fraction: the first, the last, or a uniform sample (drawn with `seed`)
     dataset_seed: int = 0  # which recorded seed's stream to load
+    # Analysis during training (off at 0): every analysis_every iterations, the metrics of
+    # moescale.analysis.metrics.network_metrics on analysis_batch transitions drawn from each seed's replay (the
+    # dataset offline) go into the metric rows of that iteration, and the online parameters of every seed are
+    # kept in snapshots/ for `moescale analyze`.
+    analysis_every: int = 0  # iterations
+    analysis_batch: int = 256  # transitions
 
     def __post_init__(self) -> None:
         for name in ("steps", "seeds", "num_envs", "iteration_steps", "eval_episodes", "eval_max_steps",
                      "checkpoint_every"):
             checks.positive_int(name, getattr(self, name))
         checks.int_at_least("seed", self.seed, 0)
+        checks.int_at_least("analysis_every", self.analysis_every, 0)
+        checks.positive_int("analysis_batch", self.analysis_batch)
         if self.sticky_prob is not None and not (isinstance(self.sticky_prob, int | float)
                                                  and 0.0 <= self.sticky_prob < 1.0):
             checks.fail("sticky_prob", self.sticky_prob, "must be None or in [0, 1)")

@@ -215,3 +215,28 @@ class TestGuards:
             train(config, tmp_path / "run", progress=False)
         assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["ckpt_00000001"]
         assert not (tmp_path / "run" / "summary.json").exists()
+
+
+class TestAnalysisDuringTraining:
+    def test_metrics_and_snapshots_leave_training_unchanged(self, finished, tmp_path):
+        from moescale.analysis.metrics import tree_norm
+        from moescale.train.anakin import make_trainer
+        from moescale.train.snapshots import list_snapshots, load_snapshot
+
+        config = short_cartpole(seeds=2, analysis_every=1, analysis_batch=64)
+        train(config, tmp_path / "run", progress=False)
+        table = pq.read_table(tmp_path / "run" / "metrics.parquet").to_pylist()
+        assert len(table) == 4
+        for row in table:
+            assert 0 <= row["dormant0"] <= row["dormant0.1"] <= 1
+            assert row["srank"] >= 1 and row["ntk_rank"] >= 1 and row["grad_norm"] > 0
+        # Analysis draws its own keys: the run is the run without it, metric for metric.
+        plain = [{k: v for k, v in r.items() if k in metrics(finished[0])[0]} for r in metrics(tmp_path / "run")]
+        assert plain == metrics(finished[0])
+        snaps = list_snapshots(tmp_path / "run")
+        assert [it for it, _ in snaps] == [1, 2]
+        like = make_trainer(config).network.init(jax.random.key(0))
+        params = load_snapshot(snaps[-1][1], like)
+        for s in range(2):
+            norm = float(tree_norm(jax.tree.map(lambda x, s=s: x[s], params)))
+            assert norm == pytest.approx(table[2 + s]["param_norm"], rel=1e-5)

@@ -52,6 +52,8 @@ class Agent(NamedTuple):
     act: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
     update: Callable[[DQNState, LearnBatch, jax.Array], tuple[DQNState, dict[str, jax.Array]]]
     sync_target: Callable[[DQNState], DQNState]
+    # (params, target_params, batch, key) -> (loss to minimise, metrics): what `update` differentiates.
+    loss: Callable[[Any, Any, LearnBatch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def td_error(q_tm1: jax.Array, a_tm1: jax.Array, r_t: jax.Array, discount_t: jax.Array, q_t_value: jax.Array,
@@ -170,4 +172,4 @@ def make_dqn(network: Network, config: AgentConfig) -> Agent:
     def sync_target(state: DQNState) -> DQNState:
         return state.replace(target_params=state.params)
 
-    return Agent(init, act, update, sync_target)
+    return Agent(init, act, update, sync_target, loss_fn)

@@ -27,6 +27,7 @@ import numpy as np
 
 from moescale import checks
 from moescale.agents import Agent, DQNState, epsilon_schedule, make_dqn, priority_beta
+from moescale.analysis.metrics import network_metrics
 from moescale.config import TrainConfig
 from moescale.data import episode_returns, load_dataset
 from moescale.envs import EnvState, JaxEnv, make_env
@@ -35,6 +36,7 @@ from moescale.replay import ReplayState, Transition, replay_add, replay_init
 from moescale.replay.nstep import nstep_batch
 from moescale.replay.prioritized import PrioritizedReplayState, per_add, per_init, per_sample, per_update
 from moescale.replay.uniform import sample_indices
+from moescale.train.rollout import episode_returns_of
 
 PRIORITY_FLOOR = 1e-6
 
@@ -72,17 +74,6 @@ class RoundCarry(NamedTuple):
     seeds: SeedState
     stats: RoundStats
     step: jax.Array
-
-
-class EvalCarry(NamedTuple):
-    """What the evaluation loop carries, for the eval_episodes environments (N,)."""
-
-    obs: jax.Array
-    env_state: EnvState
-    returns: jax.Array
-    done: jax.Array
-    key: jax.Array
-    t: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +134,8 @@ class Trainer:
     replay_bytes: int  # one seed's replay buffer (and sum tree when prioritized); offline: the shared dataset
     inputs: tuple = ()  # further arguments of iterate: (dataset ReplayState,) offline
     offline: dict[str, Any] | None = None  # OfflineData.info of an offline run
+    # (states, key, *inputs) -> network_metrics of every seed on analysis_batch replay transitions, leaves (S,)
+    analyze: Callable[..., dict[str, jax.Array]] | None = None
 
 
 def make_trainer(config: TrainConfig, offline: OfflineData | None = None) -> Trainer:
@@ -242,22 +235,10 @@ def make_trainer(config: TrainConfig, offline: OfflineData | None = None) -> Tra
 
     def evaluate(params: Any, key: jax.Array) -> jax.Array:
         """Mean return of eval_episodes episodes at eps_eval, each capped at eval_max_steps."""
-        n = config.eval_episodes
-        key_reset, key_loop = jax.random.split(key)
-        obs, env_state = jax.vmap(env.reset)(jax.random.split(key_reset, n))
+        def act(obs: jax.Array, key: jax.Array) -> jax.Array:
+            return agent.act(params, obs, key, jnp.float32(acfg.eps_eval), noise=False)
 
-        def cond(c: EvalCarry) -> jax.Array:
-            return jnp.any(~c.done) & (c.t < config.eval_max_steps)
-
-        def body(c: EvalCarry) -> EvalCarry:
-            key, key_act, key_env = jax.random.split(c.key, 3)
-            action = agent.act(params, c.obs, key_act, jnp.float32(acfg.eps_eval), noise=False)
-            env_state, ts = jax.vmap(env.step)(jax.random.split(key_env, n), c.env_state, action)
-            returns = c.returns + jnp.where(c.done, 0.0, ts.reward)  # (N,) only the first episode counts
-            return EvalCarry(ts.obs, env_state, returns, c.done | ts.terminated | ts.truncated, key, c.t + 1)
-
-        init = EvalCarry(obs, env_state, jnp.zeros(n), jnp.zeros(n, jnp.bool_), key_loop, jnp.int32(0))
-        return jnp.mean(jax.lax.while_loop(cond, body, init).returns)
+        return jnp.mean(episode_returns_of(env, act, key, config.eval_episodes, config.eval_max_steps))
 
     def finish(seed: SeedState, stats: RoundStats) -> tuple[SeedState, dict[str, jax.Array]]:
         """End of an iteration for one seed: evaluate, check finiteness, turn sums into metrics."""
@@ -289,13 +270,30 @@ def make_trainer(config: TrainConfig, offline: OfflineData | None = None) -> Tra
         seeds, metrics = over_seeds(finish, seeds, stats)
         return seeds, layout.stack(metrics)
 
+    def analyze_seed(seed: SeedState, key: jax.Array, *data: ReplayState) -> tuple[SeedState, dict]:
+        if offline is None:
+            replay = seed.replay.replay if prioritized else seed.replay
+            stride = num_envs
+        else:
+            (replay,), stride = data, offline.stride
+        key_sample, key_loss = jax.random.split(key)
+        idx = sample_indices(replay, key_sample, config.analysis_batch)
+        batch = nstep_batch(replay, idx, acfg.n_step, acfg.gamma, stride)
+        agent_state = seed.agent
+        return seed, network_metrics(network, agent.loss, agent_state.params, agent_state.target_params, batch,
+                                     key_loss)
+
+    def analyze(seeds: Any, key: jax.Array, *inputs: Any) -> dict[str, jax.Array]:
+        keys = layout.unstack(jax.random.split(key, config.seeds))
+        return layout.stack(over_seeds(analyze_seed, seeds, keys, *inputs)[1])
+
     if offline is None:
         replay_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(make_replay)))
         inputs, info = (), None
     else:
         replay_bytes, inputs, info = offline.info["bytes"], (offline.replay,), offline.info
     return Trainer(config, env, network, agent, layout, lambda keys: layout.init(init_seed, keys),
-                   jax.jit(iterate, donate_argnums=0), example, replay_bytes, inputs, info)
+                   jax.jit(iterate, donate_argnums=0), example, replay_bytes, inputs, info, jax.jit(analyze))
 
 
 class SeedLayout(NamedTuple):

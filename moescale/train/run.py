@@ -33,9 +33,12 @@ from moescale.data import DatasetWriter
 from moescale.replay import PrioritizedReplayState, Transition
 from moescale.train.anakin import load_offline, make_trainer, seed_keys
 from moescale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moescale.train.snapshots import save_snapshot
 
 ROW_FIELDS = ("iteration", "seed", "agent_steps", "episodes", "train_return", "eval_return", "loss", "mean_q",
               "steps_per_second", "wall_seconds")
+INT_FIELDS = ("iteration", "seed", "agent_steps", "episodes")
+ANALYSIS_KEY = 0x5EED  # folded into the run's seed so analysis batches never reuse a training key
 
 
 class RunError(Exception):
@@ -103,15 +106,18 @@ def _read_rows(path: Path, upto_iteration: int) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     with path.open() as f:
-        rows = [{k: float(v) if k not in ("iteration", "seed", "agent_steps", "episodes") else int(v)
-                 for k, v in row.items()} for row in csv.DictReader(f)]
+        rows = [{k: float(v) if k not in INT_FIELDS else int(v) for k, v in row.items()}
+                for row in csv.DictReader(f)]
     return [r for r in rows if r["iteration"] <= upto_iteration]
 
 
 def _write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
+    # Analysis metrics exist on some iterations only: every row gets every column, NaN where not measured.
+    fields = list(dict.fromkeys([*ROW_FIELDS, *(k for r in rows for k in r)]))
+    rows = [{k: r.get(k, math.nan) for k in fields} for r in rows]
     tmp = out / "metrics.csv.tmp"
     with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(out / "metrics.csv")
@@ -190,6 +196,8 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
                          "train_return": float(metrics["train_return"][s]),
                          "eval_return": float(metrics["eval_return"][s]), "loss": float(metrics["loss"][s]),
                          "mean_q": float(metrics["mean_q"][s]), "steps_per_second": sps, "wall_seconds": wall})
+        if config.analysis_every and iteration % config.analysis_every == 0:
+            _analyze(config, trainer, states, iteration, out, rows[-config.seeds:])
         _write_tables(out, rows)
         if writer is not None:
             recent = jax.device_get(newest(states))  # leaves (S, iteration_steps, ...)
@@ -207,6 +215,18 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
     summary = _summary(config, trainer, rows, compile_seconds, sps, prior_wall + time.perf_counter() - t_start)
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _analyze(config: TrainConfig, trainer: Any, states: Any, iteration: int, out: Path,
+             rows: list[dict[str, Any]]) -> None:
+    """Analysis of this iteration: metrics into its rows (one per seed), the online parameters to a snapshot."""
+    key = jax.random.fold_in(jax.random.key(config.seed + ANALYSIS_KEY), iteration)
+    found = jax.device_get(trainer.analyze(states, key, *trainer.inputs))
+    for s, row in enumerate(rows):
+        row.update({name: float(values[s]) for name, values in found.items()})
+    layout = trainer.layout
+    params = states.agent.params if layout.name == "vmap" else layout.stack([s.agent.params for s in states])
+    save_snapshot(out, iteration, params)
 
 
 def _summary(config: TrainConfig, trainer: Any, rows: list[dict], compile_seconds: float,

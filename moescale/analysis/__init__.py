@@ -1,0 +1,1 @@
+"""Analysis tools for trained MoE layers: expert-subset inference and the implicit-bias reproduction."""
