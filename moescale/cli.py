@@ -1,5 +1,5 @@
 """moescale command line: `moescale train ...`, `moescale presets`, `moescale study SPEC`, `moescale results DIR`,
-`moescale report DIR`.
+`moescale report DIR`, `moescale analyze RUN...`, `moescale bench implicit-bias`.
 
 Bad input exits with code 2 and a one-line message; nothing in an existing run directory is overwritten
 unless --resume or --force says so.
@@ -168,6 +168,69 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from moescale.analysis.analyze import AnalysisError, analyze_run, expert_subset_eval, plot_metrics
+
+    if len(args.runs) > 1 and args.out is None:
+        raise ValueError("--out: required with several runs (the directory of the comparison figure)")
+    for name, value in (("--batch", args.batch), ("--episodes", args.episodes)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value}: must be a positive int")
+    try:
+        runs = {}
+        for run in args.runs:
+            runs[run] = analyze_run(run, batch=args.batch, progress=not args.no_progress)
+            print(f"{run}: {len(runs[run])} rows -> {run / 'analysis.parquet'}, {run / 'analysis.png'}")
+            if args.expert_subset:
+                found = expert_subset_eval(run, episodes=args.episodes, batch=args.batch,
+                                           renormalize=args.renormalize, progress=not args.no_progress)
+                print(_format_subsets(found))
+                print(f"{run}: -> {run / 'expert_subset.json'}, {run / 'expert_subset.png'}")
+    except AnalysisError as e:
+        raise ValueError(str(e)) from None
+    if len(args.runs) > 1:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = plot_metrics({f"{run}": rows for run, rows in runs.items()}, args.out / "analysis_compare.png")
+        print(f"comparison -> {path}")
+    return 0
+
+
+def _format_subsets(found: dict) -> str:
+    lines = [f"{'k':>3} {'mode':>6} {'eval return':>12} {'agreement':>9} {'FLOPs saved':>11} {'ms (batch)':>10}"]
+    for r in found["results"]:
+        ms = f"{r['ms_batch']:.3f}" if "ms_batch" in r else "-"
+        lines.append(f"{r['k']:>3} {r['mode']:>6} {r['mean_eval_return']:>12.2f} {r['mean_agreement']:>9.3f} "
+                     f"{r['flops_saved']:>11.1%} {ms:>10}")
+    return "\n".join(lines)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from moescale.analysis.implicit_bias import run_implicit_bias
+
+    run_implicit_bias(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    print(f"implicit-bias results -> {args.out / 'implicit_bias.md'}")
+    return 0
+
+
+def _analysis_parsers(sub: argparse._SubParsersAction) -> None:
+    analyze = sub.add_parser("analyze", help="plasticity and routing metrics of runs over training; expert subsets")
+    analyze.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories")
+    analyze.add_argument("--out", type=Path, help="where the comparison figure of several runs goes")
+    analyze.add_argument("--batch", type=int, default=256, help="held-out transitions per seed (default 256)")
+    analyze.add_argument("--expert-subset", action="store_true",
+                         help="also evaluate a Soft MoE agent keeping k = 1..E experts per input")
+    analyze.add_argument("--episodes", type=int, help="evaluation episodes per seed and k (default: the run's)")
+    analyze.add_argument("--renormalize", action="store_true",
+                         help="renormalize the kept combine weights (default: kept as they are, as Chung et al.)")
+    analyze.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench = sub.add_parser("bench", help="built-in experiments: implicit-bias (supervised Soft MoE track)")
+    bench.add_argument("name", choices=("implicit-bias",), help="which experiment")
+    bench.add_argument("--out", type=Path, required=True, help="output directory")
+    bench.add_argument("--quick", action="store_true", help="a few seconds' version (fewer sizes and steps)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of data split, init and training")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moescale", description="MoE parameter scaling for value-based deep RL")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,10 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="write a study's report (markdown, HTML and figures) into STUDY/report")
     report.add_argument("study", type=Path, help="study directory")
     report.add_argument("--reps", type=int, default=2000, help="bootstrap resamples for the confidence intervals")
+    _analysis_parsers(sub)
     args = parser.parse_args(argv)
     try:
-        return {"train": cmd_train, "presets": cmd_presets, "study": cmd_study,
-                "results": cmd_results, "report": cmd_report}[args.command](args)
+        return {"train": cmd_train, "presets": cmd_presets, "study": cmd_study, "results": cmd_results,
+                "report": cmd_report, "analyze": cmd_analyze, "bench": cmd_bench}[args.command](args)
     except ValueError as e:
         print(f"moescale {args.command}: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,369 @@
+"""`moescale analyze`: plasticity and routing metrics of a run's saved parameters over training, on held-out
+transitions, and expert-subset inference of a trained Soft MoE agent.
+
+Parameters come from the run's snapshots (kept every analysis_every iterations, moescale.train.snapshots)
+and its newest checkpoint. The held-out batch of each seed is collected by that seed's final policy
+(epsilon-greedy at the run's final training epsilon) on fresh environments whose keys no training step
+used, so the network has never learnt from it; every snapshot of the seed is measured on that same batch.
+Gradient norms are those of the agent's loss on that batch with one-step targets from the snapshot's own
+parameters (snapshots keep no target network).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from moescale.agents import Agent, make_dqn
+from moescale.analysis.expert_subset import soft_moe_subset_apply
+from moescale.analysis.metrics import network_metrics
+from moescale.config import TrainConfig
+from moescale.envs import JaxEnv, make_env
+from moescale.layers import SoftMoE
+from moescale.networks import Network, build_network
+from moescale.replay.nstep import LearnBatch
+from moescale.train.checkpoint import latest_checkpoint, load_checkpoint
+from moescale.train.rollout import collect_transitions, episode_returns_of
+from moescale.train.run import load_run_config
+from moescale.train.snapshots import list_snapshots, load_snapshot
+
+HELD_OUT_KEY = 0xA11A  # folded into the run's seed: no training or evaluation key is ever this one
+HELD_OUT_ENVS = 16
+SUBSET_MODES = ("best", "random")
+# Plotted when present, in this order: (column, axis label).
+PLOTTED = (("dormant0.1", "dormant fraction (tau 0.1)"), ("dormant0", "dead fraction (tau 0)"),
+           ("srank", "srank of features"), ("feature_norm", "feature norm"), ("param_norm", "parameter norm"),
+           ("grad_norm", "gradient norm"), ("ntk_rank", "empirical NTK rank"))
+
+
+class AnalysisError(Exception):
+    """The analysis cannot run; the message is one line for the user."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: compiled helpers are cached per run
+class RunParts:
+    """What a run directory's config builds: environment, network and agent."""
+
+    run_dir: Path
+    config: TrainConfig
+    env: JaxEnv
+    network: Network
+    agent: Agent
+
+
+def load_run(run_dir: Path) -> RunParts:
+    """The environment, network and agent of the run in `run_dir` (AnalysisError if it is not one)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise AnalysisError(f"run={str(run_dir)!r}: not a run directory (no config.yaml)")
+    config = load_run_config(run_dir)
+    env = make_env(config.env, config.sticky_prob, config.max_episode_steps)
+    network = build_network(config.network, env.obs_shape, env.num_actions, env.obs_dtype)
+    return RunParts(run_dir, config, env, network, make_dqn(network, config.agent))
+
+
+def saved_params(parts: RunParts) -> list[tuple[int, Any]]:
+    """(iteration, stacked online params (S, ...)) of every snapshot, plus the newest checkpoint when it is
+    newer than the last snapshot; oldest first. AnalysisError if the run saved neither."""
+    like = parts.network.init(jax.random.key(0))
+    found = [(it, path) for it, path in list_snapshots(parts.run_dir)]
+    params = [(it, load_snapshot(path, like)) for it, path in found]
+    last = latest_checkpoint(parts.run_dir / "checkpoints")
+    if last is not None and (not found or last > found[-1][0]):
+        from moescale.train.anakin import make_trainer, seed_keys
+
+        trainer = make_trainer(parts.config)
+        shape = jax.eval_shape(lambda: trainer.layout.stack(trainer.init(seed_keys(parts.config))))
+        state, _ = load_checkpoint(parts.run_dir / "checkpoints", last, shape)
+        params.append((last, state.agent.params))
+    if not params:
+        raise AnalysisError(f"run={str(parts.run_dir)!r}: no snapshots or checkpoints to analyze (train with "
+                            "--set analysis_every=K to keep snapshots)")
+    return params
+
+
+def seed_params(stacked: Any, seed: int) -> Any:
+    """One seed's params from stacked params (S, ...)."""
+    return jax.tree.map(lambda x: x[seed], stacked)
+
+
+def held_out_batch(parts: RunParts, params: Any, seed: int, size: int) -> LearnBatch:
+    """`size` one-step transitions of the policy `params` (epsilon-greedy at the final training epsilon) on
+    fresh environments seeded apart from training and evaluation."""
+    cfg = parts.config
+    key = jax.random.fold_in(jax.random.key(cfg.seed + HELD_OUT_KEY), seed)
+    data = _collector(parts, -(-size // HELD_OUT_ENVS))(params, key)
+    data = jax.tree.map(lambda x: x[:size], data)
+    discount = cfg.agent.gamma * (1.0 - data.terminated.astype(jnp.float32))
+    return LearnBatch(data.obs, data.action, data.reward, discount, data.next_obs, jnp.ones_like(data.reward))
+
+
+@functools.lru_cache(maxsize=8)
+def _collector(parts: RunParts, steps: int) -> Callable[[Any, jax.Array], Any]:
+    """One compiled rollout per run and length, the policy's params an argument (every seed reuses it)."""
+    eps = jnp.float32(parts.config.agent.eps_end)
+
+    def collect(params: Any, key: jax.Array) -> Any:
+        def act(obs: jax.Array, k: jax.Array) -> jax.Array:
+            return parts.agent.act(params, obs, k, eps, noise=False)
+
+        return collect_transitions(parts.env, act, key, HELD_OUT_ENVS, steps)
+
+    return jax.jit(collect)
+
+
+def analyze_run(run_dir: Path, batch: int = 256, progress: bool = True) -> list[dict[str, Any]]:
+    """Metrics of every saved parameter set of every seed on held-out transitions; writes
+    run_dir/analysis.parquet and run_dir/analysis.png and returns the rows."""
+    parts = load_run(run_dir)
+    saved = saved_params(parts)
+    cfg = parts.config
+    final = saved[-1][1]
+    measure = jax.jit(lambda p, b, k: network_metrics(parts.network, parts.agent.loss, p, p, b, k))
+    rows = []
+    bar = tqdm(total=cfg.seeds * len(saved), disable=not progress, unit="params", desc=f"analyze {run_dir}")
+    for s in range(cfg.seeds):
+        held_out = held_out_batch(parts, seed_params(final, s), s, batch)
+        for iteration, stacked in saved:
+            key = jax.random.fold_in(jax.random.key(cfg.seed + HELD_OUT_KEY + 1), iteration)
+            found = jax.device_get(measure(seed_params(stacked, s), held_out, key))
+            rows.append({"iteration": iteration, "agent_steps": min(iteration * cfg.iteration_steps, cfg.steps),
+                         "seed": s, **{k: float(v) for k, v in found.items()}})
+            bar.update(1)
+    bar.close()
+    _write_parquet(Path(run_dir) / "analysis.parquet", rows)
+    plot_metrics({_label(parts): rows}, Path(run_dir) / "analysis.png")
+    return rows
+
+
+def _label(parts: RunParts) -> str:
+    net = parts.config.network
+    arch = f"dense x{net.width_multiplier}" if net.moe == "dense" else f"{net.moe}-{net.num_experts}"
+    return f"{parts.run_dir.name} ({arch})"
+
+
+def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    table = pa.Table.from_pylist([{k: r.get(k, math.nan) for k in fields} for r in rows])
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _by_step(rows: list[dict[str, Any]], column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Agent steps, mean and sd over seeds of a column."""
+    steps = sorted({r["agent_steps"] for r in rows})
+    values = [[r[column] for r in rows if r["agent_steps"] == x and not math.isnan(r.get(column, math.nan))]
+              for x in steps]
+    keep = [i for i, v in enumerate(values) if v]
+    return (np.array([steps[i] for i in keep]), np.array([np.mean(values[i]) for i in keep]),
+            np.array([np.std(values[i]) for i in keep]))
+
+
+def plot_metrics(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """One panel per metric against agent steps, one line per run (mean over seeds, band +- sd), plus each
+    run's expert importance when it has experts; saved to `path`."""
+    plt = _pyplot()
+    columns = [(c, label) for c, label in PLOTTED if any(c in r for rows in runs.values() for r in rows)]
+    experts = [(name, sorted({k for r in rows for k in r if k.startswith("expert_importance_")},
+                             key=lambda k: int(k.rsplit("_", 1)[1]))) for name, rows in runs.items()]
+    experts = [(name, keys) for name, keys in experts if len(keys) > 1]
+    panels = len(columns) + len(experts)
+    cols = min(4, panels)
+    fig, axes = plt.subplots(-(-panels // cols), cols, figsize=(4.2 * cols, 3.3 * -(-panels // cols)),
+                             squeeze=False)
+    axes = axes.ravel()
+    for ax, (column, label) in zip(axes, columns, strict=False):
+        for name, rows in runs.items():
+            x, mean, sd = _by_step(rows, column)
+            if len(x):
+                line = ax.plot(x, mean, marker="o", markersize=3, label=name)[0]
+                ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("agent steps per seed", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax, (name, keys) in zip(axes[len(columns):], experts, strict=False):
+        rows = runs[name]
+        for key in keys:
+            x, mean, _ = _by_step(rows, key)
+            ax.plot(x, mean, marker="o", markersize=3, label=f"expert {key.rsplit('_', 1)[1]}")
+        ax.set_title(f"expert importance: {name}", fontsize=9)
+        ax.set_xlabel("agent steps per seed", fontsize=8)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes[panels:]:
+        ax.axis("off")
+    if columns:
+        axes[0].legend(fontsize=7)
+    fig.suptitle("Held-out metrics over training (mean over seeds, band +- sd)", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------ expert-subset inference
+
+
+def subset_q_fn(network: Network, k: int | None, mode: str = "best", renormalize: bool = False
+                ) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
+    """(params, obs, key) -> Q-values of the network whose Soft MoE layer runs only k experts per input
+    (moescale.analysis.expert_subset; key draws the random subsets). k=None: the full network."""
+    normalize = network.config.normalize
+
+    def interceptor(next_fun: Callable, args: tuple, kwargs: dict, context: Any) -> Any:
+        module = context.module
+        if not isinstance(module, SoftMoE) or context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        (x,) = args
+        y = soft_moe_subset_apply(module.variables["params"], x, k, normalize=normalize, mode=mode,
+                                  key=module.make_rng("subset") if mode == "random" else None,
+                                  renormalize=renormalize)
+        return y.astype(x.dtype)
+
+    def q_values(params: Any, obs: jax.Array, key: jax.Array) -> jax.Array:
+        with nn.intercept_methods(interceptor):
+            return network.apply(params, obs, rngs={"subset": key}).q_values
+
+    return q_values
+
+
+def _median_ms(fn: Callable, args: tuple, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def _flops(fn: Callable, *args: Any) -> float:
+    cost = jax.jit(fn).lower(*args).cost_analysis()
+    return float(cost.get("flops", math.nan)) if cost else math.nan
+
+
+def expert_subset_eval(run_dir: Path, episodes: int | None = None, batch: int = 256, renormalize: bool = False,
+                       repeats: int = 20, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a trained Soft MoE agent keeping k = 1..E experts per input, best-k (by combine weight) and
+    random-k: eval return, agreement of greedy actions with the full network on held-out observations, median
+    inference time and XLA-counted FLOPs. Writes run_dir/expert_subset.json and expert_subset.png."""
+    parts = load_run(run_dir)
+    cfg, net = parts.config, parts.config.network
+    if net.moe != "softmoe":
+        raise AnalysisError(f"--expert-subset: needs a Soft MoE run (network.moe='softmoe'); {run_dir} has "
+                            f"network.moe={net.moe!r}")
+    episodes = cfg.eval_episodes if episodes is None else episodes
+    iteration, stacked = saved_params(parts)[-1]
+    experts = net.num_experts
+    settings = [(None, "full")] + [(k, mode) for k in range(1, experts + 1) for mode in SUBSET_MODES]
+    eps = jnp.float32(cfg.agent.eps_eval)
+    held = jnp.stack([held_out_batch(parts, seed_params(stacked, s), s, batch).obs for s in range(cfg.seeds)])
+    keys = jnp.stack([jax.random.fold_in(jax.random.key(cfg.seed + HELD_OUT_KEY + 2), s) for s in range(cfg.seeds)])
+    results = []
+    bar = tqdm(total=len(settings), disable=not progress, unit="setting", desc=f"expert subsets {run_dir}")
+    greedy_full = None
+    for k, mode in settings:
+        q = subset_q_fn(parts.network, k, "best" if mode == "full" else mode, renormalize)
+
+        def measure(params: Any, obs: jax.Array, key: jax.Array, q: Callable = q) -> tuple[jax.Array, jax.Array]:
+            """Eval returns (N,) and greedy actions on the held-out observations of one seed."""
+            def act(o: jax.Array, key: jax.Array) -> jax.Array:
+                key_q, key_explore, key_random = jax.random.split(key, 3)
+                greedy = jnp.argmax(q(params, o, key_q), axis=-1).astype(jnp.int32)
+                random = jax.random.randint(key_random, greedy.shape, 0, parts.env.num_actions, jnp.int32)
+                return jnp.where(jax.random.uniform(key_explore, greedy.shape) < eps, random, greedy)
+
+            returns = episode_returns_of(parts.env, act, key, episodes, cfg.eval_max_steps)
+            return returns, jnp.argmax(q(params, obs, key), axis=-1)
+
+        returns, greedy = jax.device_get(jax.jit(jax.vmap(measure))(stacked, held, keys))  # seeds at once
+        greedy_full = greedy if greedy_full is None else greedy_full
+        params0 = seed_params(stacked, 0)
+        entry = {"k": experts if k is None else k, "mode": mode,
+                 "eval_return": [float(r) for r in returns.mean(axis=1)],
+                 "agreement": [float(a) for a in (greedy == greedy_full).mean(axis=1)],
+                 "mean_eval_return": float(returns.mean()), "mean_agreement": float((greedy == greedy_full).mean()),
+                 "flops_per_example": _flops(q, params0, held[0, :1], keys[0])}
+        if mode != "random":  # random-k runs the same computation as best-k: timed once
+            q_jit = jax.jit(q)
+            entry["ms_batch"] = _median_ms(q_jit, (params0, held[0], keys[0]), repeats)
+            entry["ms_single"] = _median_ms(q_jit, (params0, held[0, :1], keys[0]), repeats)
+        results.append(entry)
+        bar.update(1)
+    bar.close()
+    full = results[0]
+    for entry in results:
+        entry["flops_saved"] = 1.0 - entry["flops_per_example"] / full["flops_per_example"]
+    out = {"run": str(run_dir), "env": cfg.env, "experts": experts, "seeds": cfg.seeds, "iteration": iteration,
+           "agent_steps": min(iteration * cfg.iteration_steps, cfg.steps), "episodes": episodes,
+           "eps_eval": cfg.agent.eps_eval, "held_out_observations": batch, "renormalize": renormalize,
+           "device": jax.devices()[0].device_kind, "timing": f"median of {repeats} calls, batch {batch} and 1",
+           "results": results}
+    path = Path(run_dir) / "expert_subset.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    tmp.replace(path)
+    plot_expert_subset(out, Path(run_dir) / "expert_subset.png")
+    return out
+
+
+def plot_expert_subset(found: dict[str, Any], path: Path) -> Path:
+    """Eval return, action agreement and relative cost against the number of experts kept."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    full = found["results"][0]
+    for mode, style in (("best", "o-"), ("random", "s--")):
+        rows = [r for r in found["results"] if r["mode"] == mode]
+        ks = [r["k"] for r in rows]
+        axes[0].errorbar(ks, [r["mean_eval_return"] for r in rows], yerr=[np.std(r["eval_return"]) for r in rows],
+                         fmt=style, capsize=3, label=f"{mode}-k")
+        axes[1].plot(ks, [r["mean_agreement"] for r in rows], style, label=f"{mode}-k")
+        if mode == "best":
+            axes[2].plot(ks, [r["flops_per_example"] / full["flops_per_example"] for r in rows], "o-",
+                         label="FLOPs (XLA count)")
+            axes[2].plot(ks, [r["ms_batch"] / full["ms_batch"] for r in rows], "^-",
+                         label=f"time, batch {found['held_out_observations']}")
+            axes[2].plot(ks, [r["ms_single"] / full["ms_single"] for r in rows], "v-", label="time, batch 1")
+    axes[0].axhline(full["mean_eval_return"], color="black", linestyle=":", label="all experts")
+    axes[0].set_ylabel("eval return (mean over seeds, +- sd)")
+    axes[1].set_ylabel("greedy actions equal to the full network's")
+    axes[2].axhline(1.0, color="black", linestyle=":")
+    axes[2].set_ylabel("relative to all experts")
+    for ax in axes:
+        ax.set_xlabel("experts kept per input (k)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Expert-subset inference: {found['env']}, {found['experts']} experts, {found['seeds']} seeds, "
+                 f"{found['agent_steps']:,} agent steps ({found['device']})", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
