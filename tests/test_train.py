@@ -174,9 +174,28 @@ class TestRecordDataset:
         rows = [r for r in metrics(tmp_path / "run") if r["seed"] == "1"]
         assert int(ended.sum()) == int(rows[-1]["episodes"])
 
-    def test_refused_with_resume_or_a_replay_smaller_than_an_iteration(self, tmp_path):
-        with pytest.raises(RunError, match="--record-dataset: cannot be combined with --resume"):
-            train(short_cartpole(), tmp_path / "a", resume=True, progress=False, record_dataset=True)
+    def test_resume_cuts_the_recording_back_to_the_checkpoint(self, tmp_path):
+        import json
+
+        from moescale.data import load_dataset
+
+        config = short_cartpole(steps=30000)
+        train(config, tmp_path / "whole", progress=False, record_dataset=True)
+        train(config, tmp_path / "cut", progress=False, record_dataset=True)
+        # As if killed after iteration 3's chunk was written but before its checkpoint: the newest checkpoint is
+        # iteration 2, the manifest lists 3 chunks and is not complete.
+        cut = tmp_path / "cut"
+        shutil.rmtree(cut / "checkpoints" / "ckpt_00000003")
+        manifest = json.loads((cut / "dataset" / "dataset.json").read_text())
+        (cut / "dataset" / "dataset.json").write_text(json.dumps({**manifest, "complete": False}))
+        train(config, cut, resume=True, progress=False)  # no flag: a recorded run goes on recording
+        whole, _ = load_dataset(tmp_path / "whole" / "dataset", env_name="CartPole-v1")
+        again, manifest = load_dataset(cut / "dataset", env_name="CartPole-v1")
+        assert manifest["complete"] and manifest["num_transitions"] == 30_000
+        for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(again), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+    def test_refused_with_a_replay_smaller_than_an_iteration(self, tmp_path):
         small = short_cartpole(**{"agent.replay_capacity": "5000", "agent.min_replay": "1000"})
         with pytest.raises(RunError, match="replay_capacity=5000 must hold one iteration"):
             train(small, tmp_path / "b", progress=False, record_dataset=True)

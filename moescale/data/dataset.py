@@ -273,6 +273,32 @@ class DatasetWriter:
         self._write_manifest()
         return rel
 
+    @classmethod
+    def reopen(cls, path: str | os.PathLike, chunks_per_seed: int) -> DatasetWriter:
+        """Continue an interrupted recording at `path`: keep the first chunks_per_seed chunks of every seed (those
+        a resumed run's checkpoint covers), delete any later ones, and append after them.
+
+        ValueError if the dataset is complete, unreadable, or holds fewer chunks than asked for."""
+        path = Path(path)
+        manifest = _read_manifest(path, complete=False)
+        checks.int_at_least("chunks_per_seed", chunks_per_seed, 0)
+        for seed, entry in manifest["seeds"].items():
+            if len(entry["chunks"]) < chunks_per_seed:
+                checks.fail("path", str(path), f"seed {seed} holds {len(entry['chunks'])} chunks, fewer than the "
+                            f"{chunks_per_seed} the checkpoint covers")
+            for dropped in entry["chunks"][chunks_per_seed:]:
+                (path / dropped["file"]).unlink(missing_ok=True)
+            entry["chunks"] = entry["chunks"][:chunks_per_seed]
+            entry["num_transitions"] = sum(c["num_transitions"] for c in entry["chunks"])
+        manifest["num_transitions"] = sum(e["num_transitions"] for e in manifest["seeds"].values())
+        writer = cls.__new__(cls)
+        writer.path, writer.manifest, writer.closed, writer.compress = path, manifest, False, True
+        writer.obs_shape = tuple(manifest["obs_shape"])
+        writer.obs_dtype = np.dtype(manifest["obs_dtype"])
+        writer.num_actions, writer.num_envs = int(manifest["num_actions"]), int(manifest["num_envs"])
+        writer._write_manifest()
+        return writer
+
     def close(self) -> None:
         """Mark the dataset complete (readers refuse it before this); later appends are refused."""
         if not self.closed:
@@ -281,8 +307,9 @@ class DatasetWriter:
             self.closed = True
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    """Load and check dataset.json; every problem is one ValueError naming the path."""
+def _read_manifest(path: Path, complete: bool = True) -> dict[str, Any]:
+    """Load and check dataset.json (complete: that its writer closed it; False: that it did not); every problem
+    is one ValueError naming the path."""
     if not path.exists():
         checks.fail("path", str(path), "does not exist")
     if not path.is_dir():
@@ -305,10 +332,12 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     missing = [k for k in _MANIFEST_KEYS if k not in manifest]
     if missing:
         checks.fail("path", str(path), f"is not a dataset: {MANIFEST} lacks keys {missing}")
-    if manifest["complete"] is not True:
+    if complete and manifest["complete"] is not True:
         checks.fail(
             "path", str(path), "dataset is incomplete: its writer never called close() (crashed or still recording)"
         )
+    if not complete and manifest["complete"] is not False:
+        checks.fail("path", str(path), "is a complete dataset; only an interrupted recording can be continued")
     return manifest
 
 

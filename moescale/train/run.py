@@ -131,14 +131,14 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
     """Run (or resume) a training run into `out` and return its summary.
 
     record_dataset: also write every transition the run collects to out/dataset (moescale.data format),
-    one chunk per seed per iteration, closed when the run finishes.
+    one chunk per seed per iteration, closed when the run finishes. Resuming a run that records goes on
+    recording (flag or not): the chunks after the checkpoint are dropped and recorded again.
     An offline run (config.dataset set) loads its dataset before the run directory is touched, so a bad
     dataset (ValueError) leaves nothing behind.
     """
     out = Path(out)
+    record_dataset = record_dataset or (resume and (out / "dataset" / "dataset.json").exists())
     if record_dataset:
-        if resume:
-            raise RunError("--record-dataset: cannot be combined with --resume (a recording is written in one go)")
         if config.dataset is not None:
             raise RunError("--record-dataset: an offline run (--dataset) collects no transitions to record")
         if config.agent.replay_capacity < config.iteration_steps:
@@ -152,12 +152,6 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
     t_start = time.perf_counter()
     trainer = make_trainer(config, offline)
     states = trainer.init(seed_keys(config))
-    writer = newest = None
-    if record_dataset:
-        writer = DatasetWriter(out / "dataset", config.env, trainer.env.protocol(), trainer.env.obs_shape,
-                               trainer.env.obs_dtype, trainer.env.num_actions, config.num_envs,
-                               {"config": config.to_dict(), "recorded": "every transition of the training run"})
-        newest = jax.jit(functools.partial(newest_transitions, trainer, config.iteration_steps))
     iteration, rows, prior_wall = 0, [], 0.0
     ckpt_dir = out / "checkpoints"
     if resume:
@@ -166,6 +160,10 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
         states = trainer.layout.unstack(stacked)
         iteration, prior_wall = meta["iteration"], meta["wall_seconds"]
         rows = _read_rows(out / "metrics.csv", iteration)
+    writer = newest = None
+    if record_dataset and iteration < config.iterations:
+        writer = _dataset_writer(config, trainer, out / "dataset", resume, iteration)
+        newest = jax.jit(functools.partial(newest_transitions, trainer, config.iteration_steps))
     step = iteration * config.iteration_steps
     episodes = {r["seed"]: r["episodes"] for r in rows if r["iteration"] == iteration}  # cumulative, per seed
 
@@ -215,6 +213,20 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
     summary = _summary(config, trainer, rows, compile_seconds, sps, prior_wall + time.perf_counter() - t_start)
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _dataset_writer(config: TrainConfig, trainer: Any, path: Path, resume: bool, iteration: int) -> DatasetWriter:
+    """A new recording, or, on resume, the interrupted one cut back to the checkpoint's `iteration` chunks."""
+    if resume and (path / "dataset.json").exists():
+        try:
+            return DatasetWriter.reopen(path, iteration)
+        except ValueError as e:
+            raise RunError(f"--record-dataset: cannot continue the recording: {e}") from None
+    if resume and iteration:
+        raise RunError(f"--record-dataset: {path} does not exist; the run was not recorded from its start")
+    return DatasetWriter(path, config.env, trainer.env.protocol(), trainer.env.obs_shape, trainer.env.obs_dtype,
+                         trainer.env.num_actions, config.num_envs,
+                         {"config": config.to_dict(), "recorded": "every transition of the training run"})
 
 
 def _analyze(config: TrainConfig, trainer: Any, states: Any, iteration: int, out: Path,
