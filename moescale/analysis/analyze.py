@@ -153,7 +153,8 @@ def analyze_run(run_dir: Path, batch: int = 256, progress: bool = True) -> list[
 def _label(parts: RunParts) -> str:
     net = parts.config.network
     arch = f"dense x{net.width_multiplier}" if net.moe == "dense" else f"{net.moe}-{net.num_experts}"
-    return f"{parts.run_dir.name} ({arch})"
+    name = parts.run_dir.name
+    return name if arch in name else f"{name} ({arch})"
 
 
 def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
