@@ -2,8 +2,8 @@
 transitions, and expert-subset inference of a trained Soft MoE agent.
 
 Parameters come from the run's snapshots (kept every analysis_every iterations, moescale.train.snapshots)
-and its newest checkpoint. The held-out batch of each seed is collected by that seed's final policy
-(epsilon-greedy at the run's final training epsilon) on fresh environments whose keys no training step
+and its newest checkpoint. The held-out batch of each seed is drawn from transitions of that seed's final
+policy (epsilon-greedy at the run's final training epsilon) on fresh environments whose keys no training step
 used, so the network has never learnt from it; every snapshot of the seed is measured on that same batch.
 Gradient norms are those of the agent's loss on that batch with one-step targets from the snapshot's own
 parameters (snapshots keep no target network).
@@ -43,6 +43,7 @@ from moescale.train.snapshots import list_snapshots, load_snapshot
 
 HELD_OUT_KEY = 0xA11A  # folded into the run's seed: no training or evaluation key is ever this one
 HELD_OUT_ENVS = 16
+HELD_OUT_STEPS = 1000  # per environment: the held-out batch is drawn from 16,000 transitions at least
 SUBSET_MODES = ("best", "random")
 # Plotted when present, in this order: (column, axis label).
 PLOTTED = (("dormant0.1", "dormant fraction (tau 0.1)"), ("dormant0", "dead fraction (tau 0)"),
@@ -103,11 +104,14 @@ def seed_params(stacked: Any, seed: int) -> Any:
 
 def held_out_batch(parts: RunParts, params: Any, seed: int, size: int) -> LearnBatch:
     """`size` one-step transitions of the policy `params` (epsilon-greedy at the final training epsilon) on
-    fresh environments seeded apart from training and evaluation."""
+    fresh environments seeded apart from training and evaluation, drawn without replacement from
+    HELD_OUT_ENVS x max(HELD_OUT_STEPS, size / HELD_OUT_ENVS) steps: states from all through the episodes,
+    not only their starts, in random order (so any prefix, e.g. the NTK's observations, is a random draw)."""
     cfg = parts.config
-    key = jax.random.fold_in(jax.random.key(cfg.seed + HELD_OUT_KEY), seed)
-    data = _collector(parts, -(-size // HELD_OUT_ENVS))(params, key)
-    data = jax.tree.map(lambda x: x[:size], data)
+    key_run, key_pick = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed + HELD_OUT_KEY), seed))
+    data = _collector(parts, max(HELD_OUT_STEPS, -(-size // HELD_OUT_ENVS)))(params, key_run)
+    pick = jax.random.permutation(key_pick, data.reward.shape[0])[:size]
+    data = jax.tree.map(lambda x: x[pick], data)
     discount = cfg.agent.gamma * (1.0 - data.terminated.astype(jnp.float32))
     return LearnBatch(data.obs, data.action, data.reward, discount, data.next_obs, jnp.ones_like(data.reward))
 
