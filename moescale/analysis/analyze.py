@@ -81,7 +81,7 @@ def saved_params(parts: RunParts) -> list[tuple[int, Any]]:
     """(iteration, stacked online params (S, ...)) of every snapshot, plus the newest checkpoint when it is
     newer than the last snapshot; oldest first. AnalysisError if the run saved neither."""
     like = parts.network.init(jax.random.key(0))
-    found = [(it, path) for it, path in list_snapshots(parts.run_dir)]
+    found = list_snapshots(parts.run_dir)
     params = [(it, load_snapshot(path, like)) for it, path in found]
     last = latest_checkpoint(parts.run_dir / "checkpoints")
     if last is not None and (not found or last > found[-1][0]):

@@ -17,9 +17,14 @@ FEATURES = "features"
 RELU_SUFFIX = "_relu"
 
 
+def _asked(module: nn.Module, collection: str) -> bool:
+    # init() makes every collection mutable; probes belong to forward passes that ask for them.
+    return module.is_mutable_collection(collection) and not module.is_initializing()
+
+
 def sow_activation(module: nn.Module, name: str, x: jax.Array, units: int | None = None) -> None:
     """Record a ReLU output with its neurons on the last axis (or the last `units` values, flattened)."""
-    if module.is_mutable_collection(ACTIVATIONS):
+    if _asked(module, ACTIVATIONS):
         width = x.shape[-1] if units is None else units
         # The suffix keeps the sown name apart from a submodule's name (flax scopes share one namespace).
         module.sow(ACTIVATIONS, name + RELU_SUFFIX, x.reshape(-1, width))
@@ -27,5 +32,5 @@ def sow_activation(module: nn.Module, name: str, x: jax.Array, units: int | None
 
 def sow_features(module: nn.Module, x: jax.Array) -> None:
     """Record the penultimate features (B..., F)."""
-    if module.is_mutable_collection(FEATURES):
+    if _asked(module, FEATURES):
         module.sow(FEATURES, "penultimate_features", x)
