@@ -1,9 +1,11 @@
 """Activation probes for analysis: layers sow what the analysis needs, at no cost unless asked for.
 
 Two flax collections, each filled only when the caller makes it mutable:
-  "activations"  every ReLU layer's output as (N, units): N counts everything a unit is averaged over
-                 (batch, spatial positions, tokens or slots), units its neurons (conv channels, hidden units;
-                 for experts, expert x hidden unit). Dormant-neuron fractions are computed from these.
+  "activations"  the output of every ReLU layer (the encoder's conv or dense layers, for Impala the final
+                 ReLU of its residual stream; the dense or expert hidden layer) as (N, units): N counts
+                 everything a unit is averaged over (batch, spatial positions, tokens or slots), units its
+                 neurons (conv channels, hidden units; for experts, expert x hidden unit). Dormant-neuron
+                 fractions are computed from these.
   "features"     the penultimate features the head reads, (B..., F), for srank and feature norms.
 """
 

@@ -67,7 +67,7 @@ class QNetwork(nn.Module):
     """Observations (B..., *obs) -> HeadOutput(q_values (B..., A), logits (B..., A, N) or None).
 
     Sows each MoE layer's auxiliary loss into "aux_loss" and, when "routing" is mutable, its routing
-    statistics; when "activations" / "features" are mutable, every ReLU output and the penultimate features
+    statistics; when "activations" / "features" are mutable, the ReLU layers' outputs and the penultimate features
     (moescale.layers.probes). deterministic=False turns on noisy-net noise (rng "noise") and router noise ("router").
     """
 
