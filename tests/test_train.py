@@ -49,8 +49,8 @@ class TestLearns:
 
     def test_rainbow_components_solve_cartpole(self, tmp_path):
         # classic-dqn with every Rainbow component on: C51 (51 atoms on [0, 100]), 3-step returns, prioritized
-        # replay (beta 0.4 -> 1 over the run), double Q, dueling, noisy nets. Measured: both seeds at 500.
-        rainbow = ["seeds=2", "agent.prioritized=true", "agent.n_step=3", "agent.double_q=true",
+        # replay (beta 0.4 -> 1 over the run), double Q, dueling, noisy nets. Measured: 500 (seed 1 too).
+        rainbow = ["seeds=1", "agent.prioritized=true", "agent.n_step=3", "agent.double_q=true",
                    "agent.priority_beta_steps=500000", "network.head=c51", "network.num_atoms=51", "network.v_min=0",
                    "network.v_max=100", "network.dueling=true", "network.noisy=true"]
         summary = train(apply_overrides(get_preset("classic-dqn"), rainbow), tmp_path / "run", progress=False)
