@@ -178,6 +178,16 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    """Write the figure to a temporary name, then rename it to `path` (a reader never sees half a PNG)."""
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def _by_step(rows: list[dict[str, Any]], column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Agent steps, mean and sd over seeds of a column."""
     steps = sorted({r["agent_steps"] for r in rows})
@@ -224,12 +234,7 @@ def plot_metrics(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     if columns:
         axes[0].legend(fontsize=7)
     fig.suptitle("Held-out metrics over training (mean over seeds, band +- sd)", fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(plt, fig, path)
 
 
 # ------------------------------------------------------------------------------------ expert-subset inference
@@ -366,9 +371,4 @@ def plot_expert_subset(found: dict[str, Any], path: Path) -> Path:
         ax.legend(fontsize=7)
     fig.suptitle(f"Expert-subset inference: {found['env']}, {found['experts']} experts, {found['seeds']} seeds, "
                  f"{found['agent_steps']:,} agent steps ({found['device']})", fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(plt, fig, path)
