@@ -18,7 +18,8 @@ from moescale.config import DATASET_MODES, MOE_TYPES
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train an agent on a JAX-native environment (many seeds in one program)")
     p.add_argument("--preset", default="minatar-dqn", help="preset name (see `moescale presets`)")
-    p.add_argument("--env", help="environment, e.g. Breakout-MinAtar, CartPole-v1")
+    p.add_argument("--env", help="environment, e.g. Breakout-MinAtar, CartPole-v1 (compiled trainer); Pong, a game "
+                   "list (atari20, atari100k, atari57) or gym:<id> (host trainer)")
     p.add_argument("--moe", choices=MOE_TYPES, help="penultimate layer")
     p.add_argument("--experts", type=int, help="number of experts (MoE) or width multiplier (dense)")
     p.add_argument("--seeds", type=int, help="seeds trained together in one program")
@@ -81,7 +82,8 @@ def _build_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from moescale.envs import make_env
+    from moescale.envs import ENV_NAMES, make_env
+    from moescale.envs.host import check_host_env_name, check_host_network
     from moescale.presets import OFFLINE_PRESETS
     from moescale.train.run import RunError, train
 
@@ -91,7 +93,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.preset in OFFLINE_PRESETS and config.dataset is None and args.resume is None:
         raise ValueError(f"--dataset: preset {config.preset} trains offline; give --dataset PATH (a recorded "
                          "dataset, e.g. RUN_DIR/dataset from --record-dataset)")
-    make_env(config.env, config.sticky_prob, config.max_episode_steps)  # unknown env: fail before any work
+    # An unknown environment fails before any work.
+    if config.env in ENV_NAMES:
+        make_env(config.env, config.sticky_prob, config.max_episode_steps)
+    else:
+        check_host_env_name(config.env)
+        check_host_network(config.env, config.network, config.sticky_prob)
     out = args.resume if args.resume is not None else args.out
     try:
         summary = train(config, out, resume=args.resume is not None, force=args.force,

@@ -205,6 +205,8 @@ class TrainConfig:
     preset: str = "minatar-dqn"
     sticky_prob: float | None = None  # None: the environment's protocol default (MinAtar 0.1)
     max_episode_steps: int | None = None  # None: the environment's protocol default
+    # Atari: a lost life ends the learning episode (no bootstrap) while the game goes on (Atari 100k protocol).
+    life_loss_terminal: bool = False
     network: NetworkConfig = dataclasses.field(default_factory=NetworkConfig)
     agent: AgentConfig = dataclasses.field(default_factory=AgentConfig)
     steps: int = 10_000_000  # agent steps per seed
@@ -247,6 +249,8 @@ class TrainConfig:
                                                  and 0.0 <= self.sticky_prob < 1.0):
             checks.fail("sticky_prob", self.sticky_prob, "must be None or in [0, 1)")
         checks.optional_positive_int("max_episode_steps", self.max_episode_steps)
+        if not isinstance(self.life_loss_terminal, bool):
+            checks.fail("life_loss_terminal", self.life_loss_terminal, "must be true or false")
         checks.choice("seed_layout", self.seed_layout, SEED_LAYOUTS)
         period, envs = self.agent.update_period, self.num_envs
         if period % envs and envs % period:

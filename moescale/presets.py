@@ -61,11 +61,23 @@ def _minatar_cql(c51: bool) -> TrainConfig:
                        agent=agent, steps=1_000_000, iteration_steps=50_000)
 
 
-def _atari(preset: str, agent: AgentConfig, network: NetworkConfig, steps: int, iteration_steps: int) -> TrainConfig:
-    # Atari environments come with the ALE trainer; until then these presets build and learn from
-    # Atari-shaped data (84x84x4 uint8) only.
+def _atari(preset: str, agent: AgentConfig, network: NetworkConfig, steps: int, iteration_steps: int,
+           atari100k: bool = False) -> TrainConfig:
+    # The Atari protocol of moescale.envs.host (sticky actions 0.25, episodes capped at 27k agent steps), one
+    # environment per seed as in Dopamine; evaluation episodes run to that cap. Atari 100k: no sticky actions and
+    # a lost life is terminal for learning (Obando-Ceron et al. 2024 appendix, after DER / DrQ).
     return TrainConfig(env="Pong", preset=preset, network=network, agent=agent, steps=steps,
-                       iteration_steps=iteration_steps)
+                       iteration_steps=iteration_steps, sticky_prob=0.0 if atari100k else None,
+                       life_loss_terminal=atari100k, eval_max_steps=27_000)
+
+
+def _atari_dqn() -> TrainConfig:
+    # DQN on Atari, Dopamine settings (Obando-Ceron et al. 2024 appendix): Adam 6.25e-5 / eps 1.5e-4, batch 32,
+    # 1M uniform replay, n 1, update period 4, target 8000, min replay 20k, epsilon 0.01 / 0.001 over 250k, MSE
+    # loss, gamma 0.99; Impala encoder (the paper's default), 200 iterations of 250k agent steps.
+    agent = AgentConfig(learning_rate=6.25e-5, adam_eps=1.5e-4, replay_capacity=1_000_000,
+                        target_update_period=8000, min_replay=20_000)
+    return _atari("atari-dqn", agent, NetworkConfig(encoder="impala", moe="dense"), 50_000_000, 250_000)
 
 
 def _atari_rainbow() -> TrainConfig:
@@ -93,15 +105,17 @@ def _atari100k(preset: str, augmentation: str, eps_decay_steps: int, rainbow_hea
                                 dueling=True, noisy=True)
     else:
         network = NetworkConfig(encoder="nature", moe="dense")
-    return _atari(preset, agent, network, 100_000, 10_000)
+    return _atari(preset, agent, network, 100_000, 10_000, atari100k=True)
 
 
 PRESETS: dict[str, tuple[str, Callable[[], TrainConfig]]] = {
     "minatar-dqn": ("DQN on MinAtar (Revisiting Rainbow / Dopamine settings), 10M agent steps", _minatar_dqn),
     "minatar-rainbow": ("Rainbow on MinAtar (Revisiting Rainbow settings: C51, n=3, prioritized, dueling, double, "
                         "noisy), 10M agent steps", _minatar_rainbow),
-    "atari-rainbow": ("Rainbow on Atari (Dopamine settings, Impala encoder), 50M agent steps; ALE trainer "
-                      "pending, runs on Atari-shaped data", _atari_rainbow),
+    "atari-dqn": ("DQN on Atari (Dopamine settings, Impala encoder), 50M agent steps; --env GAME or a game list",
+                  _atari_dqn),
+    "atari-rainbow": ("Rainbow on Atari (Dopamine settings, Impala encoder), 50M agent steps; --env GAME or a "
+                      "game list", _atari_rainbow),
     "atari100k-der": ("Data-efficient Rainbow for Atari 100k (n=10, update every step, epsilon over 2000 steps)",
                       lambda: _atari100k("atari100k-der", "none", 2000, True)),
     "atari100k-drq-eps": ("DrQ(eps) for Atari 100k: DQN with random-shift augmentation (pad 4), epsilon over "

@@ -83,34 +83,6 @@ class TestTrainConfig:
             TrainConfig(num_envs=8, iteration_steps=10)
 
 
-@pytest.mark.parametrize("name", ["atari-rainbow", "atari100k-der", "atari100k-drq-eps"])
-def test_atari_presets_build_and_learn_from_atari_shaped_data(name):
-    # The ALE trainer is separate; here each preset's network and agent take a few updates on fake frames.
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from moescale.agents import make_dqn
-    from moescale.networks import build_network
-    from moescale.replay.nstep import LearnBatch
-
-    config = get_preset(name)
-    net = build_network(config.network, (84, 84, 4), 6, jnp.uint8)
-    agent = make_dqn(net, config.agent)
-    rng = np.random.default_rng(0)
-    frames = lambda: jnp.asarray(rng.integers(0, 256, (8, 84, 84, 4)), jnp.uint8)  # noqa: E731
-    batch = LearnBatch(frames(), jnp.asarray(rng.integers(0, 6, 8), jnp.int32), jnp.ones(8, jnp.float32),
-                       jnp.full(8, 0.99**config.agent.n_step, jnp.float32), frames(), jnp.ones(8, jnp.float32))
-    state = agent.init(jax.random.key(0))
-    update = jax.jit(agent.update)
-    for i in range(3):
-        state, metrics = update(state, batch, jax.random.key(i))
-        assert np.isfinite(float(metrics["loss"]))
-    assert int(state.updates) == 3
-    actions = agent.act(state.params, batch.obs, jax.random.key(9), jnp.float32(0.0))
-    assert actions.shape == (8,) and int(actions.max()) < 6
-
-
 def test_augmentation_needs_images():
     import jax.numpy as jnp
 

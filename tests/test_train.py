@@ -39,8 +39,9 @@ def metrics(run_dir) -> list[dict]:
 
 class TestLearns:
     def test_dqn_solves_cartpole_within_two_minutes(self, tmp_path):
-        # classic-dqn: 500k agent steps per seed, 2 seeds in one program.
-        config = apply_overrides(get_preset("classic-dqn"), ["seeds=2"])
+        # classic-dqn: 500k agent steps, one seed (seed 0 of a 2-seed program learns identically: the seeds'
+        # states and keys are independent).
+        config = apply_overrides(get_preset("classic-dqn"), ["seeds=1"])
         t0 = time.perf_counter()
         summary = train(config, tmp_path / "run", progress=False)
         wall = time.perf_counter() - t0

@@ -6,6 +6,8 @@ Layout of one checkpoint, `run_dir/ckpt_{step:08d}/`:
                     flatten order; typed PRNG keys are stored as their raw key data (uint32)
     manifest.json   format, step, and per leaf its pytree path, shape, dtype (and key implementation)
     meta.json       the caller's metadata dict
+    host/           optional host arrays (name.npy), e.g. the Atari trainer's frame replay: loaded with numpy
+                    (load_host_arrays), never placed on a device
     COMPLETE        marker, written last
 
 Crash safety: everything is written into a temporary directory `.tmp_ckpt_*`, every file and directory in
@@ -32,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from moescale import checks
@@ -42,6 +45,8 @@ _NAME = re.compile(r"^ckpt_(\d{8,})$")  # {step:08d} grows past 8 digits from st
 _TMP_PREFIX = ".tmp_ckpt_"
 _TRASH_PREFIX = ".trash_ckpt_"
 _ARRAYS = "arrays"
+_HOST = "host"
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -171,10 +176,12 @@ def _target(like_leaf: Any, spec: dict[str, Any]) -> jax.ShapeDtypeStruct:
 # ---------------------------------------------------------------------------------------------------- API
 
 
-def save_checkpoint(run_dir: Path, step: int, state: Any, meta: dict, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, state: Any, meta: dict, keep: int = 2,
+                    host_arrays: dict[str, np.ndarray] | None = None) -> Path:
     """Write `state` (a pytree of arrays) and `meta` as run_dir/ckpt_{step:08d}, atomically; keep the newest
     `keep` complete checkpoints. Saving a step that exists replaces it; a step older than the newest
-    checkpoint is refused (that run_dir belongs to a later point of training)."""
+    checkpoint is refused (that run_dir belongs to a later point of training). host_arrays: numpy arrays by
+    name (letters, digits, _ . -), stored as .npy files in the same atomic checkpoint."""
     run_dir = Path(run_dir).absolute()  # orbax refuses relative paths
     checks.int_at_least("step", step, 0)
     checks.positive_int("keep", keep)
@@ -196,6 +203,12 @@ def save_checkpoint(run_dir: Path, step: int, state: Any, meta: dict, keep: int 
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step:08d}_", dir=run_dir))
     try:
         _write_arrays(tmp / _ARRAYS, leaves)
+        if host_arrays:
+            (tmp / _HOST).mkdir()
+            for name, array in host_arrays.items():
+                if not _HOST_NAME.match(name):
+                    checks.fail("host_arrays", name, "names may hold letters, digits, '_', '.' and '-' only")
+                np.save(tmp / _HOST / f"{name}.npy", np.asarray(array), allow_pickle=False)
         _write_json(tmp / "manifest.json", {"format": FORMAT, "step": step, "leaves": specs})
         (tmp / "meta.json").write_text(meta_text)
         _fsync_tree(tmp)
@@ -220,6 +233,16 @@ def latest_checkpoint(run_dir: Path) -> int | None:
     """Step of the newest complete checkpoint in run_dir (temporaries and dirs without a marker ignored)."""
     steps = _complete_steps(Path(run_dir))
     return steps[-1] if steps else None
+
+
+def load_host_arrays(run_dir: Path, step: int) -> dict[str, np.ndarray]:
+    """The host arrays saved with checkpoint `step` (empty when it has none), memory-mapped read-only."""
+    path = _ckpt_path(Path(run_dir), step)
+    if not (path / MARKER).is_file():
+        checks.fail("step", step, f"no complete checkpoint in {run_dir}")
+    if not (path / _HOST).is_dir():
+        return {}
+    return {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in sorted((path / _HOST).glob("*.npy"))}
 
 
 def load_checkpoint(run_dir: Path, step: int, like: Any) -> tuple[Any, dict]:

@@ -137,6 +137,11 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
     dataset (ValueError) leaves nothing behind.
     """
     out = Path(out)
+    from moescale.envs.host import is_host_env
+
+    run_env = load_run_config(out).env if resume and (out / "config.yaml").exists() else config.env
+    if is_host_env(run_env):
+        return _train_on_host(config, out, resume, force, progress, record_dataset)
     record_dataset = record_dataset or (resume and (out / "dataset" / "dataset.json").exists())
     if record_dataset:
         if config.dataset is not None:
@@ -213,6 +218,63 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
     summary = _summary(config, trainer, rows, compile_seconds, sps, prior_wall + time.perf_counter() - t_start)
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _train_on_host(config: TrainConfig, out: Path, resume: bool, force: bool, progress: bool,
+                   record_dataset: bool) -> dict[str, Any]:
+    """Atari games, game lists and gym:<id> environments: the host-loop trainer (moescale.train.sebulba)."""
+    from moescale.envs.host import GAME_LISTS, games_of
+    from moescale.train.sebulba import train_host
+
+    if record_dataset:
+        raise RunError("--record-dataset: the host trainer (Atari, gym:) does not record datasets")
+    for field, value, off in (("dataset", config.dataset, None), ("analysis_every", config.analysis_every, 0)):
+        if value != off:
+            raise RunError(f"{field}={value}: the host trainer (Atari, gym:) supports no {field}; leave it at {off}")
+    if config.env not in GAME_LISTS:
+        config = prepare_run_dir(config, out, resume, force)
+        return train_host(config, out, resume and latest_checkpoint(out / "checkpoints") is not None, progress)
+    # A game list: one run directory per game under `out`, each resumable on its own.
+    if resume:
+        if not (out / "config.yaml").exists():
+            raise RunError(f"--resume {out}: no run there to resume")
+        config = load_run_config(out)
+    else:
+        config = prepare_run_dir(config, out, resume, force)
+    summaries = {}
+    for game in games_of(config.env):
+        game_out, game_config = out / game, dataclasses.replace(config, env=game)
+        if (game_out / "summary.json").exists():
+            summaries[game] = json.loads((game_out / "summary.json").read_text())
+            continue
+        started = latest_checkpoint(game_out / "checkpoints") is not None
+        game_config = prepare_run_dir(game_config, game_out, started, force=True)
+        summaries[game] = train_host(game_config, game_out, started, progress)
+    summary = _list_summary(config, summaries)
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _list_summary(config: TrainConfig, games: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """summary.json of a game list: one entry per game, and the IQM of human-normalized scores over games and
+    seeds (Agarwal et al. 2021) where every game has human scores."""
+    from moescale.study.stats import iqm
+
+    normalized = [v for g in games.values() for v in g.get("final_human_normalized", [])]
+    finite = [v for v in normalized if math.isfinite(v)]
+    first = next(iter(games.values()))
+    return {
+        "env": config.env, "preset": config.preset, "moe": config.network.moe, "experts": config.network.num_experts,
+        "seeds": config.seeds, "agent_steps": first["agent_steps"],
+        "games": games,
+        "mean_final_eval_return": {g: s["mean_final_eval_return"] for g, s in games.items()},
+        "mean_final_human_normalized": {g: s.get("mean_final_human_normalized") for g, s in games.items()},
+        "iqm_human_normalized": iqm(np.array(finite)) if finite else None,
+        "iqm_over": f"{len(finite)} scores (games x seeds) with human scores",
+        "wall_seconds": sum(s["wall_seconds"] for s in games.values()),
+        "agent_steps_per_second": float(np.mean([s["agent_steps_per_second"] for s in games.values()])),
+        "compile_seconds": None, "offline": None,
+    }
 
 
 def _dataset_writer(config: TrainConfig, trainer: Any, path: Path, resume: bool, iteration: int) -> DatasetWriter:

@@ -1,0 +1,345 @@
+"""The host/device trainer for Atari and gymnasium environments: environments step on host threads while the
+device learns, driving the same agent functions (moescale.agents) as the compiled trainer.
+
+Axes: S seeds, N environments per seed, B batch, K frames in a stack.
+
+One loop step (one call of all S*N environments, N agent steps per seed):
+
+    send(actions)                 the environments start stepping on their threads
+    sample + dispatch the updates that fell due (jax dispatch returns at once: the device works meanwhile)
+    recv()                        wait for the environments
+    write one record per env      (moescale.replay.frames: each frame once, stacks rebuilt at sampling)
+    act on the new observations   waits for the updates, so acting always uses the newest parameters
+
+so environment stepping, host sampling and device learning overlap instead of taking turns. Updates fall due
+as in the compiled trainer: one per update_period agent steps once min_replay steps were taken, the target
+copied every target_update_period steps. Prioritized replay gets the new priorities when the updates'
+results come back (the same loop step). Every seed has its own replay, keys and environments; the device
+functions are vmapped over seeds.
+
+Checkpoints hold the agents, keys and replays (in host/ as .npy). Environment states are not checkpointed
+(the ALE offers no batched snapshot): a resumed run starts fresh episodes, the episode in progress is dropped
+and each replay stream is cut there (FrameReplay.cut), so no transition spans the gap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from moescale.agents import epsilon_schedule, make_dqn, priority_beta
+from moescale.config import TrainConfig
+from moescale.envs.atari_scores import ATARI_GAMES, human_normalized
+from moescale.envs.host import HostEnv, make_host_env, stack_to_obs
+from moescale.networks import build_network
+from moescale.replay.frames import FrameReplay
+from moescale.replay.nstep import LearnBatch
+from moescale.train.checkpoint import latest_checkpoint, load_checkpoint, load_host_arrays, save_checkpoint
+
+PRIORITY_FLOOR = 1e-6  # as the compiled trainer: every transition stays sampleable (Schaul et al. 2016, 3.3)
+EVAL_SEED = 0x3A7  # folded into the run's seed for evaluation environments
+RESUME_SEED = 0x5E5  # folded in (with the iteration) when a resumed run restarts its environments
+
+
+@dataclasses.dataclass
+class HostRun:
+    """A host-loop run's pieces: environments, replays, device functions and the stacked agent states."""
+
+    config: TrainConfig
+    env: HostEnv
+    eval_env: HostEnv
+    network: Any
+    agent: Any
+    replays: list[FrameReplay]
+    act: Any  # (params (S,..), stacks (S, N, K, ...), keys (S,), step, eval) -> (actions (S, N), keys)
+    update: Any  # (states, batch (S, B, ...), keys) -> (states, metrics (S, ...), keys)
+    sync: Any  # states -> states with target = online
+
+    def close(self) -> None:
+        """Release the environments."""
+        self.env.close()
+        self.eval_env.close()
+
+
+def build_host_run(config: TrainConfig) -> HostRun:
+    """Environments, network, agent, replays and jitted seed-vmapped functions of a host-loop run."""
+    acfg, seeds, num_envs = config.agent, config.seeds, config.num_envs
+    env = make_host_env(config.env, seeds * num_envs, config.sticky_prob, config.max_episode_steps, config.seed)
+    eval_env = make_host_env(config.env, seeds * config.eval_episodes, config.sticky_prob, config.max_episode_steps,
+                             config.seed + EVAL_SEED)
+    frame_ndim = len(env.frame_shape)
+    network = build_network(config.network, env.obs_shape, env.num_actions, env.frame_dtype)
+    agent = make_dqn(network, acfg)
+    life_loss = config.life_loss_terminal
+    replays = [FrameReplay(acfg.replay_capacity, num_envs, env.frame_shape, env.frame_dtype, env.stack, acfg.n_step,
+                           acfg.gamma, env.reward_clip, life_loss, acfg.prioritized, acfg.priority_alpha,
+                           seed=config.seed + s) for s in range(seeds)]
+
+    def act_one(params: Any, stacks: jax.Array, key: jax.Array, step: jax.Array, greedy: bool) -> tuple:
+        key, key_act = jax.random.split(key)
+        obs = stack_to_obs(stacks, frame_ndim)
+        if greedy:
+            action = agent.act(params, obs, key_act, jnp.float32(acfg.eps_eval), noise=False)
+        else:
+            action = agent.act(params, obs, key_act, epsilon_schedule(step, acfg))
+        return action, key
+
+    @functools.partial(jax.jit, static_argnames="greedy")
+    def act(params: Any, stacks: jax.Array, keys: jax.Array, step: jax.Array, greedy: bool = False) -> tuple:
+        return jax.vmap(act_one, in_axes=(0, 0, 0, None, None))(params, stacks, keys, step, greedy)
+
+    def update_one(state: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple:
+        key, key_update = jax.random.split(key)
+        learn = LearnBatch(obs=stack_to_obs(batch["obs"], frame_ndim), action=batch["action"],
+                           reward=batch["reward"], discount=batch["discount"],
+                           next_obs=stack_to_obs(batch["next_obs"], frame_ndim), weights=batch["weights"])
+        state, metrics = agent.update(state, learn, key_update)
+        return state, metrics, key
+
+    update = jax.jit(jax.vmap(update_one), donate_argnums=0)
+    sync = jax.jit(jax.vmap(agent.sync_target), donate_argnums=0)
+    return HostRun(config, env, eval_env, network, agent, replays, act, update, sync)
+
+
+@dataclasses.dataclass
+class Stats:
+    """Host-side sums of one iteration, per seed."""
+
+    seeds: int
+
+    def __post_init__(self) -> None:
+        self.loss = np.zeros(self.seeds)
+        self.mean_q = np.zeros(self.seeds)
+        self.updates = 0
+        self.return_sum = np.zeros(self.seeds)
+        self.episodes = np.zeros(self.seeds, np.int64)
+
+
+def _evaluate(run: HostRun, params: Any, iteration: int) -> np.ndarray:
+    """Mean return per seed of eval_episodes episodes at eps_eval (one per evaluation environment, each cut at
+    eval_max_steps calls; a cut episode counts with its return so far)."""
+    config, env = run.config, run.eval_env
+    seeds, episodes = config.seeds, config.eval_episodes
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(config.seed + EVAL_SEED), iteration), seeds)
+    stacks = env.reset(config.seed + EVAL_SEED + 1000 * iteration)
+    returns = np.zeros(seeds * episodes)
+    done = np.zeros(seeds * episodes, np.bool_)
+    for _ in range(config.eval_max_steps):
+        actions, keys = run.act(params, stacks.reshape(seeds, episodes, *stacks.shape[1:]), keys, 0, greedy=True)
+        env.send(np.asarray(actions).reshape(-1))
+        step = env.recv()
+        returns += np.where(done, 0.0, step.reward)
+        done |= step.terminated | step.truncated
+        stacks = step.obs
+        if done.all():
+            break
+    return returns.reshape(seeds, episodes).mean(axis=1)
+
+
+class _Loop:
+    """The acting/learning loop's host state between calls."""
+
+    def __init__(self, run: HostRun, stacks: np.ndarray):
+        config = run.config
+        self.run, self.config = run, config
+        self.stacks = stacks  # (S*N, K, *F) what the next actions are taken from
+        self.first = np.ones(len(stacks), np.bool_)  # whether stacks[i]'s newest frame starts an episode
+        self.episode_return = np.zeros(len(stacks))
+        self.pending: list[tuple[Any, list[np.ndarray]]] = []  # dispatched updates: (metrics, sampled slots)
+
+    def learn(self, states: Any, keys: jax.Array, step: int, new_step: int) -> tuple[Any, jax.Array]:
+        """Sample and dispatch the updates due between step and new_step (device work runs on)."""
+        acfg, replays = self.config.agent, self.run.replays
+        if new_step < acfg.min_replay or not all(r.ready() for r in replays):
+            return states, keys
+        due = new_step // acfg.update_period - max(step, acfg.min_replay - 1) // acfg.update_period
+        beta = float(priority_beta(new_step, acfg)) if acfg.prioritized else 0.0
+        for _ in range(max(due, 0)):
+            batches, slots = zip(*(r.sample(acfg.batch_size, beta) for r in replays), strict=True)
+            batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+            states, metrics, keys = self.run.update(states, batch, keys)
+            self.pending.append((metrics, list(slots)))
+        return states, keys
+
+    def record(self, actions: np.ndarray, step: Any, stats: Stats) -> None:
+        """Write the call's records into the replays and count finished episodes."""
+        num_envs = self.config.num_envs
+        ended = step.terminated | step.truncated
+        self.episode_return += step.reward
+        frames = self.stacks[:, -1]
+        for s, replay in enumerate(self.run.replays):
+            part = slice(s * num_envs, (s + 1) * num_envs)
+            replay.add(frames[part], np.where(step.reset[part], 0, actions[part]), step.reward[part],
+                       step.terminated[part], step.truncated[part], step.life_lost[part], self.first[part],
+                       step.reset[part])
+            stats.episodes[s] += int(ended[part].sum())
+            stats.return_sum[s] += float(self.episode_return[part][ended[part]].sum())
+        self.episode_return[ended] = 0.0
+        self.stacks, self.first = step.obs, step.reset.copy()
+
+    def collect(self, stats: Stats) -> None:
+        """Fetch the dispatched updates' metrics and hand prioritized replays their new priorities."""
+        if not self.pending:
+            return
+        fetched = jax.device_get([m for m, _ in self.pending])
+        for metrics, (_, slots) in zip(fetched, self.pending, strict=True):
+            stats.loss += metrics["loss"]
+            stats.mean_q += metrics["mean_q"]
+            stats.updates += 1
+            if self.config.agent.prioritized:
+                for s, replay in enumerate(self.run.replays):
+                    replay.update_priorities(slots[s], metrics["priority"][s] + PRIORITY_FLOOR)
+        self.pending.clear()
+
+
+def run_iteration(run: HostRun, loop: _Loop, states: Any, keys: jax.Array, step: int,
+                  stats: Stats) -> tuple[Any, jax.Array, int]:
+    """One iteration (iteration_steps agent steps per seed) of overlapped acting and learning."""
+    config = run.config
+    acfg, seeds, num_envs = config.agent, config.seeds, config.num_envs
+    for _ in range(config.iteration_steps // num_envs):
+        stacks = loop.stacks.reshape(seeds, num_envs, *loop.stacks.shape[1:])
+        actions, keys = run.act(states.params, stacks, keys, step)
+        loop.collect(stats)  # this device_get also waits for the actions
+        actions = np.asarray(actions).reshape(-1)
+        run.env.send(actions)
+        new_step = step + num_envs
+        states, keys = loop.learn(states, keys, step, new_step)
+        if new_step // acfg.target_update_period > step // acfg.target_update_period:
+            states = run.sync(states)
+        result = run.env.recv()
+        loop.record(actions, result, stats)
+        step = new_step
+    loop.collect(stats)
+    return states, keys, step
+
+
+def _checkpoint(run: HostRun, ckpt_dir: Path, iteration: int, states: Any, keys: jax.Array, meta: dict) -> None:
+    arrays = {f"replay{s}.{name}": value for s, r in enumerate(run.replays) for name, value in r.state().items()}
+    meta = {**meta, "replay_rng": [r.rng.bit_generator.state for r in run.replays]}
+    save_checkpoint(ckpt_dir, iteration, {"agent": states, "keys": keys}, meta, host_arrays=arrays)
+
+
+def _restore(run: HostRun, ckpt_dir: Path, like: Any) -> tuple[Any, jax.Array, dict]:
+    last = latest_checkpoint(ckpt_dir)
+    restored, meta = load_checkpoint(ckpt_dir, last, like)
+    arrays = load_host_arrays(ckpt_dir, last)
+    for s, replay in enumerate(run.replays):
+        prefix = f"replay{s}."
+        replay.load_state({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+        replay.rng.bit_generator.state = meta["replay_rng"][s]
+        replay.cut()
+    return restored["agent"], restored["keys"], meta
+
+
+def train_host(config: TrainConfig, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
+    """Run (or resume) a host-loop run into the prepared run directory `out`; return its summary."""
+    from moescale.train.run import _read_rows, _write_atomic, _write_tables, device_name, versions
+
+    t_start = time.perf_counter()
+    run = build_host_run(config)
+    try:
+        keys = jax.random.split(jax.random.key(config.seed), config.seeds)
+        states = jax.vmap(run.agent.init)(jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys))
+        iteration, rows, prior_wall, ckpt_dir = 0, [], 0.0, out / "checkpoints"
+        episodes = np.zeros(config.seeds, np.int64)
+        env_seed = config.seed
+        if resume:
+            states, keys, meta = _restore(run, ckpt_dir, {"agent": states, "keys": keys})
+            iteration, prior_wall = meta["iteration"], meta["wall_seconds"]
+            rows = _read_rows(out / "metrics.csv", iteration)
+            episodes[:] = [r["episodes"] for r in sorted(rows[-config.seeds:], key=lambda r: r["seed"])] \
+                if rows else 0
+            env_seed = config.seed + RESUME_SEED + iteration
+        loop = _Loop(run, run.env.reset(env_seed))
+        step = iteration * config.iteration_steps
+        run_seconds, steps_run = 0.0, 0
+        bar = tqdm(total=config.iterations, initial=iteration, disable=not progress, unit="it",
+                   desc=f"{config.env} {config.network.moe}")
+        while iteration < config.iterations:
+            t_iter = time.perf_counter()
+            stats = Stats(config.seeds)
+            states, keys, step = run_iteration(run, loop, states, keys, step, stats)
+            elapsed = time.perf_counter() - t_iter
+            eval_return = _evaluate(run, states.params, iteration)
+            run_seconds += elapsed
+            steps_run += config.iteration_steps
+            iteration += 1
+            sps = config.iteration_steps * config.seeds / elapsed
+            wall = prior_wall + time.perf_counter() - t_start
+            finite = np.isfinite(stats.loss).all() and all(
+                bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(states.params))
+            if not finite:
+                from moescale.train.run import RunError
+
+                raise RunError(f"iteration {iteration}: non-finite loss or parameters; the last good checkpoint in "
+                               f"{ckpt_dir} is kept")
+            episodes += stats.episodes
+            for s in range(config.seeds):
+                learned = stats.updates > 0
+                rows.append({"iteration": iteration, "seed": s, "agent_steps": step, "episodes": int(episodes[s]),
+                             "train_return": stats.return_sum[s] / stats.episodes[s] if stats.episodes[s]
+                             else math.nan,
+                             "eval_return": float(eval_return[s]),
+                             "loss": stats.loss[s] / stats.updates if learned else math.nan,
+                             "mean_q": stats.mean_q[s] / stats.updates if learned else math.nan,
+                             "steps_per_second": sps, "wall_seconds": wall})
+            _write_tables(out, rows)
+            if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
+                _checkpoint(run, ckpt_dir, iteration, states, keys, {"iteration": iteration, "wall_seconds": wall})
+            bar.set_postfix(steps=f"{step:,}", sps=f"{sps:,.0f}", eval=f"{np.mean(eval_return):.1f}")
+            bar.update(1)
+        bar.close()
+        sps = steps_run * config.seeds / run_seconds if run_seconds else math.nan
+        summary = host_summary(run, rows, sps, prior_wall + time.perf_counter() - t_start, versions(),
+                               device_name())
+        _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
+        return summary
+    finally:
+        run.close()
+
+
+def host_summary(run: HostRun, rows: list[dict], sps: float, wall: float, versions: dict, device: str) -> dict:
+    """summary.json of a host-loop run: the compiled trainer's fields plus, for Atari, human-normalized scores."""
+    config = run.config
+    last = sorted((r for r in rows if r["iteration"] == config.iterations), key=lambda r: r["seed"])
+    final = [r["eval_return"] for r in last]
+    summary = {
+        "env": config.env, "preset": config.preset, "moe": config.network.moe,
+        "experts": config.network.num_experts, "width_multiplier": config.network.width_multiplier,
+        "seeds": config.seeds, "agent_steps": config.iterations * config.iteration_steps,
+        "final_eval_return": final, "mean_final_eval_return": float(np.mean(final)) if final else math.nan,
+        "wall_seconds": wall, "compile_seconds": None,  # compiled on first use inside the loop
+        "agent_steps_per_second": sps, "seed_layout": "vmap", "trainer": "host",
+        "params": run.network.info.params, "forward_flops": run.network.info.forward_flops,
+        "replay_bytes_per_seed": run.replays[0].nbytes(), "offline": None,
+        "protocol": {**run.env.protocol(), "life_loss_terminal": config.life_loss_terminal},
+        "versions": {**versions, **_host_versions()}, "device": device,
+    }
+    if config.env in ATARI_GAMES:
+        normalized = [human_normalized(config.env, r) for r in final]
+        summary["final_human_normalized"] = normalized
+        summary["mean_final_human_normalized"] = float(np.mean(normalized)) if normalized else math.nan
+    return summary
+
+
+def _host_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("ale-py", "gymnasium"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

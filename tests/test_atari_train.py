@@ -1,0 +1,82 @@
+"""The host-loop trainer (moescale.train.sebulba) through `moescale train`: a short CPU run on Pong for each Atari
+preset, resume, game lists, gymnasium environments and the CLI's guards."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from moescale.cli import main
+from moescale.envs import atari_scores
+from moescale.presets import apply_overrides, get_preset
+from moescale.train.run import train
+
+# A few dozen agent steps with the preset's network and agent: learning starts after 16 steps.
+SHORT = ["steps=48", "iteration_steps=24", "agent.min_replay=16", "agent.replay_capacity=256", "eval_episodes=1",
+         "eval_max_steps=8", "checkpoint_every=1"]
+
+
+@pytest.mark.parametrize("preset", ["atari-dqn", "atari-rainbow", "atari100k-der", "atari100k-drq-eps"])
+def test_each_atari_preset_trains_on_pong(tmp_path, preset):
+    config = apply_overrides(get_preset(preset), SHORT)
+    summary = train(config, tmp_path / "run", progress=False)
+    rows = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(rows["agent_steps"]) == [24, 48]
+    assert np.isnan(rows["loss"][0]) or np.isfinite(rows["loss"][0])
+    assert np.isfinite(rows["loss"][1]) and np.isfinite(rows["mean_q"][1])  # updates ran in iteration 2
+    protocol = summary["protocol"]
+    atari100k = preset.startswith("atari100k")
+    assert protocol["sticky_prob"] == (0.0 if atari100k else 0.25)
+    assert protocol["life_loss_terminal"] == atari100k
+    assert summary["env"] == "Pong" and summary["trainer"] == "host"
+    raw = summary["final_eval_return"][0]
+    assert summary["final_human_normalized"][0] == pytest.approx(atari_scores.human_normalized("Pong", raw))
+    assert summary["replay_bytes_per_seed"] >= 256 * 84 * 84
+
+
+def test_host_run_resumes_from_its_checkpoint_with_the_replay(tmp_path):
+    """A run stopped after iteration 1 and resumed writes iteration 2 from the restored agent and replay."""
+    base = apply_overrides(get_preset("classic-dqn"),
+                           ["env=gym:CartPole-v1", "steps=600", "iteration_steps=300", "agent.min_replay=100",
+                            "num_envs=2", "agent.update_period=2", "eval_episodes=2", "eval_max_steps=50",
+                            "checkpoint_every=1"])
+    out = tmp_path / "run"
+    first = train(apply_overrides(base, ["steps=300"]), out, progress=False)
+    assert first["agent_steps"] == 300
+    stored = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({**stored, "steps": 600}, sort_keys=False))
+    resumed = train(base, out, resume=True, progress=False)
+    rows = pd.read_csv(out / "metrics.csv")
+    assert list(rows["iteration"]) == [1, 2] and resumed["agent_steps"] == 600
+    from moescale.train.checkpoint import load_host_arrays
+
+    counters = load_host_arrays(out / "checkpoints", 2)["replay0.counters"]
+    assert counters[1] == 300  # records per stream: 600 steps over 2 environments, none lost on resume
+
+
+def test_a_game_list_runs_every_game_into_one_summary(tmp_path, monkeypatch):
+    monkeypatch.setitem(atari_scores.GAME_LISTS, "pair", ("Pong", "Breakout"))
+    config = apply_overrides(get_preset("atari100k-drq-eps"), [*SHORT, "env=pair", "steps=24"])
+    summary = train(config, tmp_path / "list", progress=False)
+    assert set(summary["games"]) == {"Pong", "Breakout"}
+    assert (tmp_path / "list" / "Pong" / "summary.json").exists()
+    scores = [v for g in summary["games"].values() for v in g["final_human_normalized"]]
+    assert summary["iqm_human_normalized"] == pytest.approx(np.mean(scores))  # IQM of 2 values: their mean
+    assert json.loads((tmp_path / "list" / "summary.json").read_text())["env"] == "pair"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--env", "Pongg"], "did you mean 'Pong'"),
+    (["--env", "atari26"], "game lists:"),
+    (["--env", "gym:FrozenLake-v1", "--preset", "classic-dqn"], "observation space Discrete"),
+    (["--env", "gym:CartPole-v1", "--preset", "atari-dqn"], "network.encoder='impala'"),
+])
+def test_bad_environments_exit_2_with_one_line(tmp_path, capsys, args, message):
+    code = main(["train", *args, "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
