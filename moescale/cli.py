@@ -16,7 +16,8 @@ from moescale.config import DATASET_MODES, MOE_TYPES
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train an agent on a JAX-native environment (many seeds in one program)")
+    p = sub.add_parser("train", help="train an agent: JAX-native environments in one compiled program, Atari and "
+                       "gym:<id> environments on host threads with a device learner")
     p.add_argument("--preset", default="minatar-dqn", help="preset name (see `moescale presets`)")
     p.add_argument("--env", help="environment, e.g. Breakout-MinAtar, CartPole-v1 (compiled trainer); Pong, a game "
                    "list (atari20, atari100k, atari57) or gym:<id> (host trainer)")

@@ -1,9 +1,21 @@
 """Test-wide settings."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # XLA:CPU spends seconds per program on LLVM's highest optimization level (threefry initializers above all,
 # ~3 s for a small network's init against ~0.7 s at level 1). Tests compile hundreds of small programs and
 # run each once, so they use level 1; results are IEEE-identical in intent (no fast-math at either level).
 # Must be set before jax initialises its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=1")
+
+# Many tests build the same programs through fresh closures (a trainer per run, a run per resume, subprocesses of
+# the CLI), which jit compiles again each time. XLA's persistent cache keys executables by the program itself, so
+# identical programs compile once per test session. The cache is new and empty in every session (nothing carries
+# over between sessions) and subprocesses share it through the environment.
+_CACHE = tempfile.mkdtemp(prefix="moescale-test-xla-cache-")
+atexit.register(shutil.rmtree, _CACHE, True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")

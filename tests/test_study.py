@@ -67,7 +67,7 @@ def tiny_spec(tmp_path, **changes):
     raw = {"name": "tiny", "preset": "classic-dqn", "envs": ["CartPole-v1"],
            "layers": [{"moe": "dense", "widths": [1]}, {"moe": "softmoe", "experts": [2],
                                                         "tokenizers": ["per_feature"]}],
-           "seeds": 2, "steps": 4000, "set": {"iteration_steps": 2000, "agent.min_replay": 1000,
+           "seeds": 1, "steps": 4000, "set": {"iteration_steps": 2000, "agent.min_replay": 1000,
                                                "eval_episodes": 2, "checkpoint_every": 1}, **changes}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -87,7 +87,7 @@ class TestLocalExecutor:
         s, _, out, statuses = finished
         assert statuses == {g.name: "done" for g in s.groups}
         table = pq.read_table(out / "results.parquet")
-        assert table.num_rows == 2 * 2 * 2  # groups x seeds x iterations
+        assert table.num_rows == 2 * 1 * 2  # groups x seeds x iterations
         cols = set(table.column_names)
         assert {"group", "status", "point.moe", "point.size", "network.moe", "network.num_experts",
                 "agent.learning_rate", "eval_return", "agent_steps", "seed"} <= cols
@@ -144,8 +144,8 @@ class TestLocalExecutor:
         _, _, out, _ = finished
         text = format_results(out)
         lines = text.splitlines()
-        assert len(lines) == 1 + 2 + 1 and "done" in lines[1] and lines[-1].startswith("8 rows x ")
-        assert collect(out).num_rows == 8
+        assert len(lines) == 1 + 2 + 1 and "done" in lines[1] and lines[-1].startswith("4 rows x ")
+        assert collect(out).num_rows == 4
 
 
 class TestCommandLine:
@@ -153,7 +153,7 @@ class TestCommandLine:
         _, path = tiny_spec(tmp_path)
         assert main(["study", str(path), "--out", str(tmp_path / "s"), "--dry-run"]) == 0
         out = capsys.readouterr().out
-        assert "classic-dqn__CartPole-v1__dense-1" in out and "2 run groups (2 to run), 16,000 agent steps" in out
+        assert "classic-dqn__CartPole-v1__dense-1" in out and "2 run groups (2 to run), 8,000 agent steps" in out
         assert not (tmp_path / "s").exists()
 
     def test_a_study_of_another_spec_or_a_foreign_directory_is_refused(self, finished, tmp_path, capsys):
