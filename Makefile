@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip==26.3"
-	$(PY) -m pip install -q -c requirements.lock -e '.[dev]'
+	# --no-compile: bytecode is written on first import instead, for the modules used (27 s vs 59 s to install).
+	$(PY) -m pip install -q --no-compile -c requirements.lock -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -61,7 +61,7 @@ class TestLearnsOffline:
         assert np.mean(evals(tmp_path / "c51")[-3:]) >= 0.8 * summary["offline"]["behaviour_return"]
 
     def test_resume_gives_the_same_run(self, recorded, tmp_path):
-        config = offline(recorded, "steps=40000", "checkpoint_every=1", "dataset_subset=0.2",
+        config = offline(recorded, "steps=20000", "iteration_steps=10000", "checkpoint_every=1", "dataset_subset=0.2",
                          "dataset_mode=uniform", "agent.cql_alpha=1.0")
         train(config, tmp_path / "a", progress=False)
         train(config, tmp_path / "b", progress=False)

@@ -115,8 +115,9 @@ class TestSeedLayouts:
     def test_each_seed_is_the_run_of_its_own_seed(self, layout, tmp_path):
         # Seed s of a run uses key(seed + s) and nothing else: seed 1 of a 2-seed run is the 1-seed run with
         # seed=1, metric for metric, in either layout.
-        both = train(short_cartpole(seeds=2, seed_layout=layout), tmp_path / "both", progress=False)
-        alone = train(short_cartpole(seeds=1, seed=1, seed_layout=layout), tmp_path / "alone", progress=False)
+        both = train(short_cartpole(seeds=2, seed_layout=layout, steps=10000), tmp_path / "both", progress=False)
+        alone = train(short_cartpole(seeds=1, seed=1, seed_layout=layout, steps=10000), tmp_path / "alone",
+                      progress=False)
         assert both["final_eval_return"][1] == alone["final_eval_return"][0]
         second = [{k: v for k, v in r.items() if k != "seed"} for r in metrics(tmp_path / "both") if r["seed"] == "1"]
         assert second == [{k: v for k, v in r.items() if k != "seed"} for r in metrics(tmp_path / "alone")]
