@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         f"env={args.game}", f"num_envs={args.envs}", "agent.update_period=4", "agent.batch_size=32",
         "network.encoder=impala", "network.moe=softmoe", f"network.num_experts={args.experts}",
         "agent.replay_capacity=100000", f"agent.min_replay={max(args.envs * args.calls, 1000)}",
-        f"iteration_steps={args.envs * args.calls}", f"steps={args.envs * args.calls}"])
+        f"iteration_steps={args.envs * args.calls}", "steps=50000000"])
     env = env_only_sps(args.game, args.envs, args.calls, args.repeats, config.sticky_prob)
     print(f"env only: {statistics.median(env):,.0f} agent steps/s", flush=True)
     overlapped = trainer_sps(config, args.calls, args.repeats)
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     e, o, u = (statistics.median(x) for x in (env, overlapped, usual))
     lines = ["| loop | agent steps/s (median) | runs | of env-only |", "|---|---|---|---|",
              f"| env only ({args.envs} envs, random actions) | {e:,.0f} | {len(env)} | 100% |",
-             f"| trainer: envs on host threads, learning overlapped | {o:,.0f} | {len(overlapped)} | {o / e:.0%} |",
-             f"| host loop: act, step, update in turn | {u:,.0f} | {len(usual)} | {u / e:.0%} |",
+             f"| trainer: envs on host threads, learning overlapped | {o:,.0f} | {len(overlapped)} | {o / e:.1%} |",
+             f"| host loop: act, step, update in turn | {u:,.0f} | {len(usual)} | {u / e:.1%} |",
              "", f"Overlapped / in turn: {o / u:.2f}x."]
     if args.memory:
         mem = replay_memory(1_000_000, args.envs)
