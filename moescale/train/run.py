@@ -139,9 +139,9 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
     out = Path(out)
     from moescale.envs.host import is_host_env
 
-    run_env = load_run_config(out).env if resume and (out / "config.yaml").exists() else config.env
-    if is_host_env(run_env):
-        return _train_on_host(config, out, resume, force, progress, record_dataset)
+    stored = load_run_config(out) if resume and (out / "config.yaml").exists() else None
+    if is_host_env((stored or config).env):  # a resumed run goes on with its own config
+        return _train_on_host(stored or config, out, resume, force, progress, record_dataset)
     record_dataset = record_dataset or (resume and (out / "dataset" / "dataset.json").exists())
     if record_dataset:
         if config.dataset is not None:
@@ -235,11 +235,7 @@ def _train_on_host(config: TrainConfig, out: Path, resume: bool, force: bool, pr
         config = prepare_run_dir(config, out, resume, force)
         return train_host(config, out, resume and latest_checkpoint(out / "checkpoints") is not None, progress)
     # A game list: one run directory per game under `out`, each resumable on its own.
-    if resume:
-        if not (out / "config.yaml").exists():
-            raise RunError(f"--resume {out}: no run there to resume")
-        config = load_run_config(out)
-    else:
+    if not resume:
         config = prepare_run_dir(config, out, resume, force)
     summaries = {}
     for game in games_of(config.env):
@@ -257,7 +253,7 @@ def _train_on_host(config: TrainConfig, out: Path, resume: bool, force: bool, pr
 
 def _list_summary(config: TrainConfig, games: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """summary.json of a game list: one entry per game, and the IQM of human-normalized scores over games and
-    seeds (Agarwal et al. 2021) where every game has human scores."""
+    seeds (Agarwal et al. 2021), of the games that have human scores."""
     from moescale.study.stats import iqm
 
     normalized = [v for g in games.values() for v in g.get("final_human_normalized", [])]
