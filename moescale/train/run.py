@@ -88,7 +88,7 @@ def prepare_run_dir(config: TrainConfig, out: Path, resume: bool, force: bool) -
 def versions() -> dict[str, str]:
     """Versions of the packages that decide the numbers."""
     out = {"python": platform.python_version()}
-    for pkg in ("moescale", "jax", "jaxlib", "flax", "optax", "gymnax", "rlax", "numpy"):
+    for pkg in ("moescale", "jax", "jaxlib", "flax", "optax", "gymnax", "rlax", "numpy", "ale-py", "gymnasium"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -324,22 +324,10 @@ def host_summary(run: HostRun, rows: list[dict], sps: float, wall: float, versio
         "params": run.network.info.params, "forward_flops": run.network.info.forward_flops,
         "replay_bytes_per_seed": run.replays[0].nbytes(), "offline": None,
         "protocol": {**run.env.protocol(), "life_loss_terminal": config.life_loss_terminal},
-        "versions": {**versions, **_host_versions()}, "device": device,
+        "versions": versions, "device": device,
     }
     if config.env in ATARI_GAMES:
         normalized = [human_normalized(config.env, r) for r in final]
         summary["final_human_normalized"] = normalized
         summary["mean_final_human_normalized"] = float(np.mean(normalized)) if normalized else math.nan
     return summary
-
-
-def _host_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for pkg in ("ale-py", "gymnasium"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
