@@ -64,8 +64,9 @@ class TestLearnsOffline:
         config = offline(recorded, "steps=20000", "iteration_steps=10000", "checkpoint_every=1", "dataset_subset=0.2",
                          "dataset_mode=uniform", "agent.cql_alpha=1.0")
         train(config, tmp_path / "a", progress=False)
-        train(config, tmp_path / "b", progress=False)
-        shutil.rmtree(tmp_path / "b" / "checkpoints" / "ckpt_00000002")
+        shutil.copytree(tmp_path / "a", tmp_path / "b")
+        shutil.rmtree(tmp_path / "b" / "checkpoints" / "ckpt_00000002")  # as if killed before the last checkpoint
+        (tmp_path / "b" / "summary.json").unlink()
         train(config, tmp_path / "b", resume=True, progress=False)
         assert evals(tmp_path / "a") == evals(tmp_path / "b")
 

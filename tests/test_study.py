@@ -66,7 +66,7 @@ class TestSpec:
 def tiny_spec(tmp_path, **changes):
     raw = {"name": "tiny", "preset": "classic-dqn", "envs": ["CartPole-v1"],
            "layers": [{"moe": "dense", "widths": [1]}, {"moe": "softmoe", "experts": [2],
-                                                        "tokenizers": ["per_feature"]}],
+                                                        "tokenizers": ["per_sample"]}],
            "seeds": 1, "steps": 4000, "set": {"iteration_steps": 2000, "agent.min_replay": 1000,
                                                "eval_episodes": 2, "checkpoint_every": 1}, **changes}
     path = tmp_path / "spec.yaml"

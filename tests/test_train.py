@@ -177,7 +177,7 @@ class TestRecordDataset:
 
         config = short_cartpole(steps=30000)
         train(config, tmp_path / "whole", progress=False, record_dataset=True)
-        train(config, tmp_path / "cut", progress=False, record_dataset=True)
+        shutil.copytree(tmp_path / "whole", tmp_path / "cut")
         # As if killed after iteration 3's chunk was written but before its checkpoint: the newest checkpoint is
         # iteration 2, the manifest lists 3 chunks and is not complete.
         cut = tmp_path / "cut"
@@ -202,6 +202,8 @@ class TestKilled:
     def test_kill_9_then_resume_matches_uninterrupted(self, tmp_path):
         sets = ["steps=20000", "iteration_steps=10000", "checkpoint_every=1", "eval_episodes=4",
                 "agent.min_replay=2000"]
+        # The uninterrupted run first: the CLI processes then find its programs in the compile cache.
+        reference = train(apply_overrides(get_preset("classic-dqn"), sets), tmp_path / "reference", progress=False)
         argv = [sys.executable, "-m", "moescale.cli", "train", "--preset", "classic-dqn", "--no-progress",
                 "--out", str(tmp_path / "killed")] + [a for s in sets for a in ("--set", s)]
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -215,7 +217,6 @@ class TestKilled:
         resumed = subprocess.run([sys.executable, "-m", "moescale.cli", "train", "--resume",
                                   str(tmp_path / "killed"), "--no-progress"], capture_output=True, text=True)
         assert resumed.returncode == 0, resumed.stderr
-        reference = train(apply_overrides(get_preset("classic-dqn"), sets), tmp_path / "reference", progress=False)
         killed = json.loads((tmp_path / "killed" / "summary.json").read_text())
         assert killed["final_eval_return"] == reference["final_eval_return"]
         assert metrics(tmp_path / "killed") == metrics(tmp_path / "reference")

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moescale.config import NetworkConfig
 from moescale.layers import (
@@ -134,8 +135,9 @@ class Network:
 @functools.lru_cache(maxsize=64)
 def _jitted_init(module: QNetwork, obs_shape: tuple[int, ...], obs_dtype: Any) -> Any:
     # One compiled program per network, reused for every seed: eager init would compile each initializer op
-    # on its own, several times slower on CPU.
-    dummy = jnp.zeros((1, *obs_shape), obs_dtype)
+    # on its own, several times slower on CPU. The dummy input is a NumPy constant: a jnp array made while an
+    # outer jit traces (a vmapped or jitted agent init) would be that trace's tracer, kept here past its trace.
+    dummy = np.zeros((1, *obs_shape), obs_dtype)
     return jax.jit(lambda key: module.init(key, dummy))
 
 

@@ -250,7 +250,8 @@ def train_host(config: TrainConfig, out: Path, resume: bool, progress: bool) -> 
     run = build_host_run(config)
     try:
         keys = jax.random.split(jax.random.key(config.seed), config.seeds)
-        states = jax.vmap(run.agent.init)(jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys))
+        # One program for every seed's initial state (eagerly, each initializer op would compile on its own).
+        states = jax.jit(jax.vmap(lambda k: run.agent.init(jax.random.fold_in(k, 1))))(keys)
         iteration, rows, prior_wall, ckpt_dir = 0, [], 0.0, out / "checkpoints"
         episodes = np.zeros(config.seeds, np.int64)
         env_seed = config.seed
