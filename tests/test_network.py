@@ -177,6 +177,17 @@ class TestSeedsAndDtypes:
         assert all(np.array_equal(x, y) for x, y in zip(la, la2, strict=True))
         assert not all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
 
+    def test_init_under_jit_and_vmap_equals_init_per_seed_and_leaves_no_tracer(self):
+        # A fresh network's first init traced inside jit(vmap(...)), then called eagerly: the same parameters
+        # per seed both ways, and the eager call after the trace works (no tracer of that trace is kept).
+        net = build_network(small(moe="softmoe", num_experts=3), MINATAR, 4)
+        keys = jax.random.split(jax.random.key(2), 2)
+        both = jax.jit(jax.vmap(net.init))(keys)
+        for s in range(2):
+            alone = net.init(keys[s])
+            for x, y in zip(jax.tree.leaves(both), jax.tree.leaves(alone), strict=True):
+                np.testing.assert_array_equal(x[s], y)
+
     @pytest.mark.parametrize("moe", ["softmoe", "topk", "expert_choice", "dense"])
     def test_bfloat16_close_to_float32(self, moe):
         # Hard routing is discontinuous: a bf16 rounding can flip a near-tie (a token's expert under top-k,
