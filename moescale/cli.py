@@ -159,6 +159,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     import numpy as np
 
     from moescale.envs import random_policy_returns
+    from moescale.envs.atari_scores import ATARI_GAMES, HUMAN_SCORES, RANDOM_SCORES
+    from moescale.envs.host import host_random_returns
     from moescale.study.report import write_report
     from moescale.study.spec import load_spec
 
@@ -167,11 +169,19 @@ def cmd_report(args: argparse.Namespace) -> int:
                          "first")
     spec = load_spec(args.study / "spec.yaml")
     envs = sorted({g.config.env for g in spec.groups})
-    # The zero point of normalized scores: the uniformly random policy's mean return (100 episodes, seed 0).
-    random = {env: float(np.mean(random_policy_returns(env, episodes=100))) for env in envs}
+    # The zero point of normalized scores: the uniformly random policy's mean return (100 episodes, seed 0); for an
+    # Atari game the random agent's score of the reference table, with the human score as the reference.
+    atari = [env for env in envs if env in ATARI_GAMES]
+    random = {env: RANDOM_SCORES[env] for env in atari if env in RANDOM_SCORES}
+    for env in envs:
+        if env not in atari:
+            returns = (host_random_returns(env, episodes=100) if env.startswith("gym:")
+                       else random_policy_returns(env, episodes=100))
+            random[env] = float(np.mean(returns))
+    human = {env: HUMAN_SCORES.get(env) for env in atari}
     command = shlex.join(["moescale", "report", str(args.study)] + (["--reps", str(args.reps)] if args.reps != 2000
                                                                     else []))
-    path = write_report(args.study, command, reps=args.reps, random_returns=random)
+    path = write_report(args.study, command, reps=args.reps, random_returns=random, human_returns=human or None)
     print(f"report written to {path}")
     return 0
 

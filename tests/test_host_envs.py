@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moescale.envs.host import AtariEnv, GymEnv, check_host_env_name, make_host_env, stack_to_obs, stacked_shape
+from moescale.envs.host import (
+    AtariEnv,
+    GymEnv,
+    check_host_env_name,
+    host_random_returns,
+    make_host_env,
+    stack_to_obs,
+    stacked_shape,
+)
 from moescale.replay.frames import FrameReplay
 
 
@@ -128,6 +136,19 @@ def test_frame_replay_rebuilds_the_stacks_the_atari_env_produced_across_resets()
         t = len(steps) - replay.size + age
         got = replay.stacks(np.array([0, 1]), np.array([pos, pos]))
         np.testing.assert_array_equal(got, stacks[t])
+
+
+def test_random_policy_returns_on_a_host_env_match_the_jax_env():
+    from moescale.envs import random_policy_returns
+
+    host = host_random_returns("gym:CartPole-v1", episodes=200, seed=3)
+    jax_env = np.asarray(random_policy_returns("CartPole-v1", episodes=200, seed=3))
+    # The same game played by uniformly random actions: the first episodes' means agree within 4 standard errors
+    # of their difference; every CartPole episode lasts at least 8 steps (1 reward each) and ends by 500.
+    se = np.sqrt(host.var(ddof=1) / len(host) + jax_env.var(ddof=1) / len(jax_env))
+    assert abs(host.mean() - jax_env.mean()) < 4 * se
+    assert host.shape == (200,) and host.min() >= 8 and host.max() <= 500
+    np.testing.assert_array_equal(host, host_random_returns("gym:CartPole-v1", episodes=200, seed=3))
 
 
 def test_stack_to_obs_puts_the_stack_on_the_channel_axis():

@@ -322,3 +322,51 @@ def test_scaling_recovers_a_known_law(tmp_path):
     assert fitted == pytest.approx(LAW, rel=1e-2)
     assert "dense: skipped, 1 distinct size(s) and 4 distinct D after the cut" in chinchilla
     assert (out / "report" / "fig_chinchilla.png").read_bytes().startswith(b"\x89PNG")
+
+
+def _atari_return(env, moe, size, seed, iteration):
+    if env == "Pong":
+        return -21.0 + 3.0 * size * iteration + seed
+    if env == "AirRaid":
+        return 500.0 + 100.0 * size + seed
+    return _return(env, moe, size, seed, iteration)
+
+
+def test_atari_games_are_human_normalized(tmp_path, capsys):
+    from moescale.cli import main
+    from moescale.envs.atari_scores import HUMAN_SCORES, RANDOM_SCORES
+    from moescale.study.report import SCORE_ITERATIONS, _load_groups, _normalize
+
+    # Two sizes per architecture: no scaling fits, which this test does not need.
+    layers = [{"moe": "dense", "widths": [1]}, {"moe": "softmoe", "experts": [2]}]
+    envs = ["Pong", "AirRaid", "CartPole-v1"]
+    _, out, scored = make_study(tmp_path, envs, layers, seeds=2, value_fn=_atari_return)
+    assert main(["report", str(out), "--reps", "200"]) == 0
+    text = _section((out / "report" / "report.md").read_text(), "Scores and normalization")
+    assert _row(text, "Pong")[1:3] == ["-20.7", "14.6 (human)"] and _row(text, "Pong")[4] == "normalized"
+    assert _row(text, "AirRaid")[1:] == ["0 (assumed)", "-", _name("AirRaid", "softmoe-2"),
+                                         "skipped: no published human score"]
+    cartpole = _row(text, "CartPole-v1")  # the random policy's return, measured; the study's best as reference
+    assert 15 < float(cartpole[1]) < 30 and cartpole[2].endswith("(study best)") and cartpole[4] == "normalized"
+    assert "Human normalization (Atari games)" in text and "Study-best normalization" in text
+
+    # The normalized scores themselves, by hand: (score - random) / (human - random), score = the mean of a seed's
+    # last SCORE_ITERATIONS eval returns.
+    _, groups = _load_groups(out)
+    random = {"Pong": RANDOM_SCORES["Pong"], "CartPole-v1": 20.0}
+    norms = _normalize(groups, envs, random, {"Pong": HUMAN_SCORES["Pong"], "AirRaid": None})
+    assert [n.skipped is None for n in norms] == [True, False, True]
+    for g in groups:
+        rows = scored[g.name]
+        scores = [np.mean([r["eval_return"] for r in rows if r["seed"] == s][-SCORE_ITERATIONS:]) for s in (0, 1)]
+        if g.point["env"] == "Pong":
+            expected = [(x + 20.7) / (14.6 + 20.7) for x in scores]
+        elif g.point["env"] == "CartPole-v1":
+            best = max(np.mean([np.mean([r["eval_return"] for r in scored[h.name] if r["seed"] == s]
+                                        [-SCORE_ITERATIONS:]) for s in (0, 1)])
+                       for h in groups if h.point["env"] == "CartPole-v1")
+            expected = [(x - 20.0) / (best - 20.0) for x in scores]
+        else:
+            assert g.normalized is None
+            continue
+        np.testing.assert_allclose(g.normalized, expected, rtol=1e-12)

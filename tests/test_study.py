@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -48,7 +49,9 @@ class TestSpec:
         ({"layer": []}, "spec.layer='layer': unknown field; did you mean 'layers'"),
         ({"envs": []}, "spec.envs=.*non-empty"),
         ({"layers": []}, "spec.layers=.*non-empty"),
-        ({"envs": ["Breakout"]}, "spec.envs: env='Breakout': unknown environment"),
+        ({"envs": ["Breakout-MinAtr"]}, "spec.envs: env='Breakout-MinAtr': unknown environment; did you mean "
+                                        "'Breakout-MinAtar'"),
+        ({"envs": ["atari21"]}, "spec.envs: env='atari21': unknown environment; did you mean 'atari20'"),
         ({"layers": [{"moe": "topk", "widths": [2]}]}, "layers\\[0\\].widths=.*topk scales its number of experts"),
         ({"layers": [{"moe": "dense", "experts": [2]}]}, "layers\\[0\\].experts=.*dense scales its width"),
         ({"layers": [{"moe": "softmoe", "experts": [0]}]}, "layers\\[0\\].experts"),
@@ -61,6 +64,30 @@ class TestSpec:
     def test_bad_specs_name_the_field(self, changes, match):
         with pytest.raises(ValueError, match=match):
             spec(**changes)
+
+
+class TestHostEnvs:
+    def test_atari_games_lists_and_gym_envs_are_run_groups(self):
+        from moescale.envs.atari_scores import ATARI100K
+
+        s = parse_spec({"preset": "atari100k-der", "envs": ["Pong", "atari100k", "gym:CartPole-v1"],
+                        "layers": [{"moe": "dense", "widths": [1]}]})
+        # a list is its games, in order, each once (Pong is in the list too)
+        envs = ["Pong"] + [g for g in ATARI100K if g != "Pong"] + ["gym:CartPole-v1"]
+        assert [g.config.env for g in s.groups] == envs
+        assert s.groups[-1].name == "atari100k-der__gym-CartPole-v1__dense-1"
+
+    def test_plan_and_update_time_on_host_envs(self):
+        from moescale.study.runner import env_spaces, plan, update_seconds
+
+        layers = [{"moe": "dense", "widths": [1, 2]}]
+        atari = parse_spec({"preset": "atari100k-der", "envs": ["Pong"], "layers": layers})
+        gym = parse_spec({"preset": "classic-dqn", "envs": ["gym:CartPole-v1"], "layers": layers})
+        assert env_spaces(atari.groups[0].config) == ((84, 84, 4), 6, np.uint8)
+        assert env_spaces(gym.groups[0].config) == ((4,), 2, np.float32)
+        rows = plan(atari, measure=False)
+        assert [r["agent_steps"] for r in rows] == [100_000, 100_000] and rows[0]["params"] < rows[1]["params"]
+        assert 0 < update_seconds(gym.groups[0].config, repeats=2) < 1
 
 
 def tiny_spec(tmp_path, **changes):

@@ -284,6 +284,29 @@ def make_host_env(name: str, num_envs: int, sticky_prob: float | None = None, ma
     return AtariEnv(name, num_envs, sticky_prob, max_steps)
 
 
+def host_random_returns(name: str, episodes: int = 100, seed: int = 0, max_steps: int = 100_000) -> np.ndarray:
+    """Returns (episodes,) of the uniformly random policy on host env `name` under its protocol defaults: the
+    first episode of each of `episodes` environments run side by side, stopped after max_steps calls at the
+    latest (the counterpart of moescale.envs.random_policy_returns for host environments)."""
+    checks.positive_int("episodes", episodes)
+    env = make_host_env(name, episodes, seed=seed)
+    rng = np.random.default_rng(seed)
+    returns = np.zeros(episodes)
+    done = np.zeros(episodes, np.bool_)
+    try:
+        env.reset(seed)
+        for _ in range(max_steps):
+            env.send(rng.integers(env.num_actions, size=episodes))
+            step = env.recv()
+            returns += np.where(done, 0.0, step.reward)
+            done |= step.terminated | step.truncated
+            if done.all():
+                break
+    finally:
+        env.close()
+    return returns
+
+
 def check_host_network(name: str, config: Any, sticky_prob: float | None = None) -> None:
     """ValueError naming network.encoder when the network of `config` (a NetworkConfig) cannot take the
     observations of host environment `name` (its first game for a list)."""

@@ -5,7 +5,8 @@ What it holds, from the study directory as it is now (moescale.study.runner's la
 - a header: the study's name, its spec's fingerprint and text, seeds, budget, the command, the date, the device;
 - scores: a run's score is its mean eval return over its last SCORE_ITERATIONS iterations, one per seed,
   normalized per env as (score - random) / (reference - random), where reference is the study's best run group on
-  that env (study-best normalization: comparisons hold within the study only);
+  that env (study-best normalization: comparisons hold within the study only), or, for Atari games, the human
+  tester's score (human-normalized, as in the Atari literature);
 - the aggregate IQM (rliable, stratified bootstrap CIs over seeds, envs as tasks) against size and parameters,
   learning curves, per-env final scores, performance profiles, the probability of improvement over the dense
   width-1 group;
@@ -116,6 +117,7 @@ class _Norm:
     reference: float | None = None
     best: str | None = None
     skipped: str | None = None
+    human: bool = False  # reference = a human score (Atari), not the study's best
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -177,26 +179,33 @@ def _load_groups(out: Path) -> tuple[Any, list[_Group]]:
     return spec, groups
 
 
-def _normalize(groups: list[_Group], envs: list[str], random_returns: dict[str, float] | None) -> list[_Norm]:
-    """Normalize every scored group's scores per env; returns how each env was normalized."""
+def _normalize(groups: list[_Group], envs: list[str], random_returns: dict[str, float] | None,
+               human_returns: dict[str, float | None] | None = None) -> list[_Norm]:
+    """Normalize every scored group's scores per env; returns how each env was normalized. An env in human_returns
+    is human-normalized (None there: no human score, not normalized); the others against the study's best."""
     norms = []
     for env in envs:
         given = random_returns is not None and env in random_returns
         norm = _Norm(env, float(random_returns[env]) if given else 0.0, given)
+        norm.human = human_returns is not None and env in human_returns
         scored = [g for g in groups if g.env == env and g.scores is not None]
+        if scored:
+            best = max(scored, key=lambda g: float(g.scores.mean()))
+            norm.best = best.name
+            norm.reference = float(best.scores.mean()) if not norm.human else human_returns[env]
+        what = "the human score" if norm.human else "the best mean score"
         if not scored:
             norm.skipped = "no run group on it has scores yet"
+        elif norm.reference is None:
+            norm.skipped = "no published human score"
+        elif norm.reference == norm.random:
+            norm.skipped = f"{what} equals the random score ({norm.random:g})"
+        elif norm.reference < norm.random:
+            norm.skipped = (f"{what} ({norm.reference:.4g}) is below the random score ({norm.random:g})"
+                            + ("" if norm.human else "; give this env's random-policy return"))
         else:
-            best = max(scored, key=lambda g: float(g.scores.mean()))
-            norm.reference, norm.best = float(best.scores.mean()), best.name
-            if norm.reference == norm.random:
-                norm.skipped = f"the best mean score equals the random score ({norm.random:g})"
-            elif norm.reference < norm.random:
-                norm.skipped = (f"the best mean score ({norm.reference:.4g}) is below the random score "
-                                f"({norm.random:g}); give this env's random-policy return")
-            else:
-                for g in scored:
-                    g.normalized = stats.normalize(g.scores[:, None], [norm.random], [norm.reference])[:, 0]
+            for g in scored:
+                g.normalized = stats.normalize(g.scores[:, None], [norm.random], [norm.reference])[:, 0]
         norms.append(norm)
     return norms
 
@@ -509,9 +518,16 @@ def _status_notes(doc: _Doc, groups: list[_Group], seeds: int) -> None:
 def _normalization(doc: _Doc, norms: list[_Norm], random_returns: dict[str, float] | None) -> None:
     doc.h(2, "Scores and normalization")
     doc.p(f"A run's score is its mean eval return over its last {SCORE_ITERATIONS} iterations (fewer if it has "
-          "fewer), one score per seed. Per env, normalized score = (score - random) / (reference - random), where "
-          "reference is the best mean score of any run group of this study on that env. Study-best normalization: "
-          "random policy = 0, the study's best configuration = 1; comparisons hold within this study only.")
+          "fewer), one score per seed. Per env, normalized score = (score - random) / (reference - random).")
+    if any(not n.human for n in norms):
+        doc.p("Study-best normalization (every env but Atari games): reference is the best mean score of any run "
+              "group of this study on that env; random policy = 0, the study's best configuration = 1; "
+              "comparisons hold within this study only.")
+    if any(n.human for n in norms):
+        doc.p("Human normalization (Atari games), as in the Atari literature (Mnih et al. 2015; Agarwal et al. "
+              "2021): random and reference are the random agent's and the human tester's scores of "
+              "moescale.envs.atari_scores (Badia et al. 2020, appendix); random play = 0, human play = 1. Those "
+              "scores were measured under the Nature DQN protocol, not exactly this study's.")
     if random_returns is None:
         doc.p("No random-policy returns were given: random = 0.0 on every env.")
     else:
@@ -519,9 +535,9 @@ def _normalization(doc: _Doc, norms: list[_Norm], random_returns: dict[str, floa
         if missing:
             doc.p("No random-policy return was given for " + ", ".join(missing) + ": random = 0.0 there.")
     rows = [[n.env, f"{n.random:g}" + ("" if n.random_given else " (assumed)"),
-             "-" if n.reference is None else f"{n.reference:.4g}", n.best or "-",
-             f"skipped: {n.skipped}" if n.skipped else "normalized"] for n in norms]
-    doc.table(["env", "random", "reference (best mean score)", "best run group", "normalization"], rows)
+             "-" if n.reference is None else f"{n.reference:.4g}" + (" (human)" if n.human else " (study best)"),
+             n.best or "-", f"skipped: {n.skipped}" if n.skipped else "normalized"] for n in norms]
+    doc.table(["env", "random", "reference", "best run group", "normalization"], rows)
     skipped = [n for n in norms if n.skipped]
     if skipped:
         doc.p("Envs without normalization are left out of the aggregate IQM, the performance profiles and the "
@@ -794,8 +810,8 @@ def _scaling_section(doc: _Doc, report_dir: Path, configs: list[_Config], norms:
     doc.p(f"Per architecture with at least 3 distinct sizes: a power law error = E + A / N^alpha fitted "
           f"(moescale.study.scaling.fit_power_law) to every run (seed x normalized env), where error = "
           f"1 - normalized score clipped to >= {ERROR_FLOOR:g} and N is the run group's total parameters. With "
-          "study-best normalization the best configuration's error is near 0 by construction; read E with that "
-          "in mind.")
+          "study-best normalization (every env but Atari games) the best configuration's error is near 0 by "
+          "construction; read E with that in mind.")
     try:
         from moescale.study.scaling import bootstrap_exponents, fit_chinchilla, fit_power_law, held_out_check
     except ImportError as err:
@@ -878,7 +894,7 @@ def _held_out_part(doc: _Doc, configs: list[_Config], norms: list[_Norm], archs:
           "held_out_check) to the runs of every size but the largest, then its prediction of the largest size's "
           "mean error against the observed one; relative error = (predicted - observed) / observed. Here N is a "
           "configuration's mean parameter count over its envs, so that the whole largest size is held out.")
-    best = {n.best for n in norms if n.best is not None and not n.skipped}
+    best = {n.best for n in norms if n.best is not None and not n.skipped and not n.human}
     rows, notes = [], []
     for arch in archs:
         r = runs[arch]
@@ -1068,10 +1084,12 @@ def _optimal_hparam_section(doc: _Doc, configs: list[_Config]) -> None:
 # ----------------------------------------------------------------------------------------- entry point
 
 
-def write_report(out: Path, command: str, reps: int = 2000, random_returns: dict[str, float] | None = None) -> Path:
+def write_report(out: Path, command: str, reps: int = 2000, random_returns: dict[str, float] | None = None,
+                 human_returns: dict[str, float | None] | None = None) -> Path:
     """Write the report of the study in `out` to out/report/ (report.md, report.html, fig_*.png); returns the
     Markdown file's path. `command` is the command line to quote in the header and every caption; `reps` the
-    bootstrap resamples; `random_returns` the random policy's return per env (None: 0.0 on every env).
+    bootstrap resamples; `random_returns` the random policy's return per env (None: 0.0 on every env);
+    `human_returns` the human score of the envs to human-normalize (None for one without: not normalized).
     ValueError (naming `study`) if `out` is not a study directory."""
     out = Path(out)
     spec, groups = _load_groups(out)
@@ -1082,7 +1100,7 @@ def write_report(out: Path, command: str, reps: int = 2000, random_returns: dict
     seeds_text = "/".join(map(str, seeds_set))
     budget = "/".join(f"{b:,}" for b in budget_set)
 
-    norms = _normalize(groups, envs, random_returns)
+    norms = _normalize(groups, envs, random_returns, human_returns)
     norm_envs = [n.env for n in norms if not n.skipped]
     configs = _configs(groups)
     aggs = _aggregates(configs, norm_envs, reps)

@@ -3,7 +3,7 @@ expanded into run groups. A run group is one `moescale train` run: every seed of
 
     name: demo                       # optional, for reports
     presets: [minatar-dqn]           # or `preset: minatar-dqn`
-    envs: [Breakout-MinAtar]
+    envs: [Breakout-MinAtar]         # JAX envs, Atari games (a game list: its games) or gym:<id>
     layers:                          # each entry: a layer type and the sizes to try
       - {moe: dense, widths: [1, 2]}           # dense scales its width
       - {moe: softmoe, experts: [1, 2, 4]}     # MoE layers scale their number of experts
@@ -31,7 +31,7 @@ import yaml
 
 from moescale import checks
 from moescale.config import MOE_TYPES, TrainConfig
-from moescale.envs.jax_envs import check_env_name
+from moescale.envs.jax_envs import ENV_NAMES, check_env_name
 from moescale.layers.tokenize import TOKENIZERS
 from moescale.presets import apply_overrides, get_preset
 
@@ -107,6 +107,24 @@ def _layer_points(index: int, layer: Any, default_tokenizers: list[Any]) -> list
             for size, tok in itertools.product(sizes, tokenizers)]
 
 
+def _study_envs(names: list[Any]) -> list[str]:
+    """The spec's envs in order, each once: JAX envs, Atari games and gym:<id> as given, a game list (atari20,
+    atari100k, atari57) as its games, so every game is a run group of its own."""
+    from moescale.envs.host import check_host_env_name, games_of
+
+    envs = []
+    for env in names:
+        try:
+            if not isinstance(env, str):
+                check_env_name(env)
+            if env not in ENV_NAMES:
+                check_host_env_name(env)
+        except ValueError as err:
+            raise ValueError(f"spec.envs: {err}") from None
+        envs.extend(games_of(env))
+    return list(dict.fromkeys(envs))
+
+
 def _overrides(mapping: dict[str, Any]) -> list[str]:
     # json.dumps writes valid YAML for numbers, booleans, null, strings and lists
     return [f"{key}={json.dumps(value)}" for key, value in mapping.items()]
@@ -122,12 +140,7 @@ def parse_spec(raw: Any) -> StudySpec:
     if ("preset" in raw) == ("presets" in raw):
         checks.fail("spec.presets", raw.get("presets"), "give exactly one of `preset: NAME` or `presets: [NAMES]`")
     presets = [raw["preset"]] if "preset" in raw else _non_empty_list("spec.presets", raw["presets"])
-    envs = _non_empty_list("spec.envs", raw.get("envs"))
-    for env in envs:
-        try:
-            check_env_name(env)
-        except ValueError as err:
-            raise ValueError(f"spec.envs: {err}") from None
+    envs = _study_envs(_non_empty_list("spec.envs", raw.get("envs")))
     tokenizers = _non_empty_list("spec.tokenizers", raw.get("tokenizers", [None]))
     layers = _non_empty_list("spec.layers", raw.get("layers"))
     layer_points = [p for i, layer in enumerate(layers) for p in _layer_points(i, layer, tokenizers)]
