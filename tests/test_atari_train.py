@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
@@ -55,6 +56,35 @@ def test_host_run_resumes_from_its_checkpoint_with_the_replay(tmp_path):
 
     counters = load_host_arrays(out / "checkpoints", 2)["replay0.counters"]
     assert counters[1] == 300  # records per stream: 600 steps over 2 environments, none lost on resume
+
+
+def test_analysis_during_a_host_run_leaves_the_run_unchanged(tmp_path):
+    from moescale.train.snapshots import list_snapshots, load_snapshot
+
+    base = ["env=gym:CartPole-v1", "seeds=2", "steps=400", "iteration_steps=200", "agent.min_replay=100",
+            "num_envs=2", "agent.update_period=2", "eval_episodes=2", "eval_max_steps=50", "checkpoint_every=1"]
+    plain = train(apply_overrides(get_preset("classic-dqn"), base), tmp_path / "plain", progress=False)
+    config = apply_overrides(get_preset("classic-dqn"), [*base, "analysis_every=1", "analysis_batch=32"])
+    analyzed = train(config, tmp_path / "analyzed", progress=False)
+    assert analyzed["final_eval_return"] == plain["final_eval_return"]
+    timing = ["steps_per_second", "wall_seconds"]
+    rows = pd.read_csv(tmp_path / "analyzed" / "metrics.csv")
+    before = pd.read_csv(tmp_path / "plain" / "metrics.csv")
+    pd.testing.assert_frame_equal(rows[before.columns].drop(columns=timing), before.drop(columns=timing))
+    assert len(rows) == 4
+    assert ((0 <= rows["dormant0"]) & (rows["dormant0"] <= rows["dormant0.1"]) & (rows["dormant0.1"] <= 1)).all()
+    assert (rows["srank"] >= 1).all() and (rows["grad_norm"] > 0).all() and (rows["ntk_rank"] >= 1).all()
+    # The snapshot of the last iteration holds every seed's final online parameters: the norms in its rows.
+    snaps = list_snapshots(tmp_path / "analyzed")
+    assert [it for it, _ in snaps] == [1, 2]
+    from moescale.train.sebulba import build_host_run
+
+    run = build_host_run(config)
+    run.close()
+    params = load_snapshot(snaps[-1][1], run.network.init(jax.random.key(0)))
+    for s in range(2):
+        norm = np.sqrt(sum(float(np.sum(np.square(x[s]))) for x in jax.tree.leaves(params)))
+        assert norm == pytest.approx(rows["param_norm"].iloc[2 + s], rel=1e-5)
 
 
 def test_a_game_list_runs_every_game_into_one_summary(tmp_path, monkeypatch):

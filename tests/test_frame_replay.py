@@ -417,6 +417,28 @@ def test_uniform_sampling_is_uniform_over_starts():
     assert np.all(np.abs(counts[starts] / 100_000 - p) <= 4 * np.sqrt(p * (1 - p) / 100_000)), counts[starts]
 
 
+def test_uniform_draws_from_a_prioritized_replay_with_a_generator_of_their_own():
+    """The analysis draws: uniform over the accepted starts even when priorities are skewed (mass 1 each), from
+    the generator given, leaving the replay's own generator (the training's draws) where it was."""
+    cfg = Cfg()
+    replay, streams = cfg.replay(prioritized=True, seed=4), Streams(cfg.num_envs, seed=5)
+    for _ in range(40):
+        streams.step(replay)
+    refs, _ = check_all_slots(replay, streams, cfg)
+    starts = np.array(sorted(refs))
+    replay.update_priorities(starts[:1], np.array([1e6]))  # nearly all prioritized mass on one start
+    before = replay.rng.bit_generator.state
+    rng = np.random.default_rng(6)
+    env, pos, mass = replay.sample_indices(100_000, rng=rng, uniform=True)
+    assert replay.rng.bit_generator.state == before and (mass == 1).all()
+    counts = np.bincount(env * cfg.length + pos, minlength=cfg.num_envs * cfg.length)
+    assert counts.sum() == counts[starts].sum() == 100_000
+    p = 1 / len(starts)
+    assert np.all(np.abs(counts[starts] / 100_000 - p) <= 4 * np.sqrt(p * (1 - p) / 100_000)), counts[starts]
+    again = replay.sample_indices(100_000, rng=np.random.default_rng(6), uniform=True)
+    np.testing.assert_array_equal(again[0], env)
+
+
 # -------------------------------------------------------------------------------------------------- prioritized
 
 

@@ -72,6 +72,13 @@ def load_run(run_dir: Path) -> RunParts:
     if not (run_dir / "config.yaml").is_file():
         raise AnalysisError(f"run={str(run_dir)!r}: not a run directory (no config.yaml)")
     config = load_run_config(run_dir)
+    from moescale.envs.host import is_host_env
+
+    if is_host_env(config.env):
+        raise AnalysisError(f"run={str(run_dir)!r}: trained on {config.env} by the host trainer; `moescale analyze` "
+                            "measures runs of JAX environments. A host run measures the same metrics while it "
+                            "trains with --set analysis_every=K (columns of its metrics.parquet, parameters in "
+                            "snapshots/)")
     env = make_env(config.env, config.sticky_prob, config.max_episode_steps)
     network = build_network(config.network, env.obs_shape, env.num_actions, env.obs_dtype)
     return RunParts(run_dir, config, env, network, make_dqn(network, config.agent))

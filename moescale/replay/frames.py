@@ -182,16 +182,20 @@ class FrameReplay:
         age = self._age(pos)
         return (age >= self._oldest_start()) & (age <= self.size - 2) & ~self.final[env, pos]
 
-    def sample_indices(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def sample_indices(self, batch: int, rng: np.random.Generator | None = None,
+                       uniform: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(env (B,), pos (B,), mass (B,)) of B transition starts: uniform (mass 1), or in proportion to the
-        mass priority^alpha when prioritized. ValueError when nothing can be sampled yet."""
-        if not self.ready() or (self.tree is not None and self.tree.total <= 0):
+        mass priority^alpha when prioritized and not `uniform`. Draws from `rng` (default: the replay's own).
+        ValueError when nothing can be sampled yet."""
+        rng = self.rng if rng is None else rng
+        prioritized = self.tree is not None and not uniform
+        if not self.ready() or (prioritized and self.tree.total <= 0):
             checks.fail("replay", self.count, "holds no complete transition yet: take more steps before sampling")
-        if self.tree is not None:
-            env, pos = np.divmod(self.tree.sample(self.rng, batch), self.length)
+        if prioritized:
+            env, pos = np.divmod(self.tree.sample(rng, batch), self.length)
             bad = self.tree.get(env * self.length + pos) <= 0  # a stratum boundary can land on an empty leaf
             while bad.any():
-                env[bad], pos[bad] = np.divmod(self.tree.sample(self.rng, int(bad.sum())), self.length)
+                env[bad], pos[bad] = np.divmod(self.tree.sample(rng, int(bad.sum())), self.length)
                 bad = self.tree.get(env * self.length + pos) <= 0
             return env, pos, self.tree.get(env * self.length + pos)
         env = np.empty(batch, np.int64)
@@ -201,8 +205,8 @@ class FrameReplay:
         for _ in range(1000):  # a start is final once an episode at most: rejections are rare
             if not todo.size:
                 return env, pos, np.ones(batch)
-            env[todo] = self.rng.integers(0, self.num_envs, todo.size)
-            pos[todo] = (self.cursor - self.size + self.rng.integers(lo, hi + 1, todo.size)) % self.length
+            env[todo] = rng.integers(0, self.num_envs, todo.size)
+            pos[todo] = (self.cursor - self.size + rng.integers(lo, hi + 1, todo.size)) % self.length
             todo = todo[~self._valid(env[todo], pos[todo])]
         checks.fail("replay", self.count, "found no transition start in 1000 rounds of sampling")
 

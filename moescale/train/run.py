@@ -228,9 +228,9 @@ def _train_on_host(config: TrainConfig, out: Path, resume: bool, force: bool, pr
 
     if record_dataset:
         raise RunError("--record-dataset: the host trainer (Atari, gym:) does not record datasets")
-    for field, value, off in (("dataset", config.dataset, None), ("analysis_every", config.analysis_every, 0)):
-        if value != off:
-            raise RunError(f"{field}={value}: the host trainer (Atari, gym:) supports no {field}; leave it at {off}")
+    if config.dataset is not None:
+        raise RunError(f"dataset={config.dataset}: the host trainer (Atari, gym:) trains online only; leave it at "
+                       "None")
     if config.env not in GAME_LISTS:
         config = prepare_run_dir(config, out, resume, force)
         return train_host(config, out, resume and latest_checkpoint(out / "checkpoints") is not None, progress)

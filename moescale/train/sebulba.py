@@ -38,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from moescale.agents import epsilon_schedule, make_dqn, priority_beta
+from moescale.analysis.metrics import network_metrics
 from moescale.config import TrainConfig
 from moescale.envs.atari_scores import ATARI_GAMES, human_normalized
 from moescale.envs.host import HostEnv, make_host_env, stack_to_obs
@@ -64,6 +65,7 @@ class HostRun:
     act: Any  # (params (S,..), stacks (S, N, K, ...), keys (S,), step, eval) -> (actions (S, N), keys)
     update: Any  # (states, batch (S, B, ...), keys) -> (states, metrics (S, ...), keys)
     sync: Any  # states -> states with target = online
+    analyze: Any  # (states, batch (S, B, ...), keys (S,)) -> network_metrics of every seed, leaves (S,)
 
     def close(self) -> None:
         """Release the environments."""
@@ -98,17 +100,22 @@ def build_host_run(config: TrainConfig) -> HostRun:
     def act(params: Any, stacks: jax.Array, keys: jax.Array, step: jax.Array, greedy: bool = False) -> tuple:
         return jax.vmap(act_one, in_axes=(0, 0, 0, None, None))(params, stacks, keys, step, greedy)
 
+    def learn_batch(batch: dict[str, jax.Array]) -> LearnBatch:
+        return LearnBatch(obs=stack_to_obs(batch["obs"], frame_ndim), action=batch["action"],
+                          reward=batch["reward"], discount=batch["discount"],
+                          next_obs=stack_to_obs(batch["next_obs"], frame_ndim), weights=batch["weights"])
+
     def update_one(state: Any, batch: dict[str, jax.Array], key: jax.Array) -> tuple:
         key, key_update = jax.random.split(key)
-        learn = LearnBatch(obs=stack_to_obs(batch["obs"], frame_ndim), action=batch["action"],
-                           reward=batch["reward"], discount=batch["discount"],
-                           next_obs=stack_to_obs(batch["next_obs"], frame_ndim), weights=batch["weights"])
-        state, metrics = agent.update(state, learn, key_update)
+        state, metrics = agent.update(state, learn_batch(batch), key_update)
         return state, metrics, key
+
+    def analyze_one(state: Any, batch: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
+        return network_metrics(network, agent.loss, state.params, state.target_params, learn_batch(batch), key)
 
     update = jax.jit(jax.vmap(update_one), donate_argnums=0)
     sync = jax.jit(jax.vmap(agent.sync_target), donate_argnums=0)
-    return HostRun(config, env, eval_env, network, agent, replays, act, update, sync)
+    return HostRun(config, env, eval_env, network, agent, replays, act, update, sync, jax.jit(jax.vmap(analyze_one)))
 
 
 @dataclasses.dataclass
@@ -295,6 +302,8 @@ def train_host(config: TrainConfig, out: Path, resume: bool, progress: bool) -> 
                              "loss": stats.loss[s] / stats.updates if learned else math.nan,
                              "mean_q": stats.mean_q[s] / stats.updates if learned else math.nan,
                              "steps_per_second": sps, "wall_seconds": wall})
+            if config.analysis_every and iteration % config.analysis_every == 0:
+                _analyze(run, states, iteration, out, rows[-config.seeds:])
             _write_tables(out, rows)
             if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
                 _checkpoint(run, ckpt_dir, iteration, states, keys, {"iteration": iteration, "wall_seconds": wall})
@@ -308,6 +317,28 @@ def train_host(config: TrainConfig, out: Path, resume: bool, progress: bool) -> 
         return summary
     finally:
         run.close()
+
+
+def _analyze(run: HostRun, states: Any, iteration: int, out: Path, rows: list[dict[str, Any]]) -> None:
+    """Analysis of this iteration, as in the compiled trainer: network metrics of every seed on analysis_batch
+    transitions drawn uniformly from its replay, into its rows; the online parameters to a snapshot. The draws
+    and the loss key come from generators of their own, so the run is the run without analysis."""
+    from moescale.train.run import ANALYSIS_KEY
+    from moescale.train.snapshots import save_snapshot
+
+    config = run.config
+    rng = np.random.default_rng([config.seed + ANALYSIS_KEY, iteration])
+    batches = []
+    for replay in run.replays:
+        env, pos, _ = replay.sample_indices(config.analysis_batch, rng=rng, uniform=True)
+        batch = replay.batch(env, pos)
+        batches.append({**batch, "weights": np.ones(config.analysis_batch, np.float32)})
+    stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(config.seed + ANALYSIS_KEY), iteration), config.seeds)
+    found = jax.device_get(run.analyze(states, stacked, keys))
+    for s, row in enumerate(rows):
+        row.update({name: float(values[s]) for name, values in found.items()})
+    save_snapshot(out, iteration, states.params)
 
 
 def host_summary(run: HostRun, rows: list[dict], sps: float, wall: float, versions: dict, device: str) -> dict:
