@@ -6,7 +6,6 @@ import jax
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from moescale.analysis.analyze import subset_q_fn
 from moescale.cli import main
@@ -70,13 +69,6 @@ def test_analyze_cli_bad_input(softmoe_run, tmp_path, capsys):
     assert main(["analyze", str(softmoe_run), str(softmoe_run)]) == 2
     assert "--out: required" in capsys.readouterr().err
     assert main(["analyze", str(softmoe_run), "--batch", "0"]) == 2
-    capsys.readouterr()
-    host = tmp_path / "pong"  # a host-trainer run's directory
-    host.mkdir()
-    (host / "config.yaml").write_text(yaml.safe_dump(get_preset("atari100k-der").to_dict(), sort_keys=False))
-    assert main(["analyze", str(host)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "trained on Pong by the host trainer" in err and "analysis_every" in err
 
 
 def test_params_snapshot_of_another_network_is_refused(softmoe_run):

@@ -58,33 +58,74 @@ def test_host_run_resumes_from_its_checkpoint_with_the_replay(tmp_path):
     assert counters[1] == 300  # records per stream: 600 steps over 2 environments, none lost on resume
 
 
-def test_analysis_during_a_host_run_leaves_the_run_unchanged(tmp_path):
+# A two-seed Soft MoE run of the host trainer on gym:CartPole-v1, short.
+HOST_MOE = ["env=gym:CartPole-v1", "seeds=2", "steps=400", "iteration_steps=200", "agent.min_replay=100",
+            "num_envs=2", "agent.update_period=2", "eval_episodes=2", "eval_max_steps=50", "checkpoint_every=1",
+            "network.moe=softmoe", "network.num_experts=2", "network.hidden=32"]
+
+
+@pytest.fixture(scope="module")
+def analyzed(tmp_path_factory):
+    """HOST_MOE run with analysis every iteration."""
+    out = tmp_path_factory.mktemp("host") / "analyzed"
+    train(apply_overrides(get_preset("classic-dqn"), [*HOST_MOE, "analysis_every=1", "analysis_batch=32"]), out,
+          progress=False)
+    return out
+
+
+def test_analysis_during_a_host_run_leaves_the_run_unchanged(analyzed, tmp_path):
+    from moescale.analysis.analyze import load_run
     from moescale.train.snapshots import list_snapshots, load_snapshot
 
-    base = ["env=gym:CartPole-v1", "seeds=2", "steps=400", "iteration_steps=200", "agent.min_replay=100",
-            "num_envs=2", "agent.update_period=2", "eval_episodes=2", "eval_max_steps=50", "checkpoint_every=1"]
-    plain = train(apply_overrides(get_preset("classic-dqn"), base), tmp_path / "plain", progress=False)
-    config = apply_overrides(get_preset("classic-dqn"), [*base, "analysis_every=1", "analysis_batch=32"])
-    analyzed = train(config, tmp_path / "analyzed", progress=False)
-    assert analyzed["final_eval_return"] == plain["final_eval_return"]
+    plain = train(apply_overrides(get_preset("classic-dqn"), HOST_MOE), tmp_path / "plain", progress=False)
+    assert json.loads((analyzed / "summary.json").read_text())["final_eval_return"] == plain["final_eval_return"]
     timing = ["steps_per_second", "wall_seconds"]
-    rows = pd.read_csv(tmp_path / "analyzed" / "metrics.csv")
+    rows = pd.read_csv(analyzed / "metrics.csv")
     before = pd.read_csv(tmp_path / "plain" / "metrics.csv")
     pd.testing.assert_frame_equal(rows[before.columns].drop(columns=timing), before.drop(columns=timing))
     assert len(rows) == 4
     assert ((0 <= rows["dormant0"]) & (rows["dormant0"] <= rows["dormant0.1"]) & (rows["dormant0.1"] <= 1)).all()
     assert (rows["srank"] >= 1).all() and (rows["grad_norm"] > 0).all() and (rows["ntk_rank"] >= 1).all()
+    assert np.allclose(rows["expert_importance_0"] + rows["expert_importance_1"], 1, atol=1e-5)
     # The snapshot of the last iteration holds every seed's final online parameters: the norms in its rows.
-    snaps = list_snapshots(tmp_path / "analyzed")
+    snaps = list_snapshots(analyzed)
     assert [it for it, _ in snaps] == [1, 2]
-    from moescale.train.sebulba import build_host_run
-
-    run = build_host_run(config)
-    run.close()
-    params = load_snapshot(snaps[-1][1], run.network.init(jax.random.key(0)))
+    params = load_snapshot(snaps[-1][1], load_run(analyzed).network.init(jax.random.key(0)))
     for s in range(2):
         norm = np.sqrt(sum(float(np.sum(np.square(x[s]))) for x in jax.tree.leaves(params)))
         assert norm == pytest.approx(rows["param_norm"].iloc[2 + s], rel=1e-5)
+
+
+def test_moescale_analyze_on_a_host_run(analyzed, tmp_path, monkeypatch):
+    """Held-out metrics for every saved parameter set (the newest checkpoint standing in for a lost last
+    snapshot) and expert subsets, with the host environments."""
+    import shutil
+
+    import moescale.analysis.analyze as analyze
+    from moescale.train.snapshots import list_snapshots, load_snapshot
+
+    monkeypatch.setattr(analyze, "HELD_OUT_STEPS", 50)  # per environment: 16 x 50 calls, enough for a batch of 32
+    out = tmp_path / "run"
+    shutil.copytree(analyzed, out)
+    parts = analyze.load_run(out)
+    last = list_snapshots(out)[-1][1]
+    snapshot = load_snapshot(last, parts.network.init(jax.random.key(0)))
+    last.unlink()  # the checkpoint of iteration 2 now gives its parameters
+    (iteration, from_checkpoint), = analyze.saved_params(parts)[1:]
+    assert iteration == 2
+    for a, b in zip(jax.tree.leaves(snapshot), jax.tree.leaves(from_checkpoint), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    rows = analyze.analyze_run(out, batch=32, progress=False)
+    assert sorted((r["iteration"], r["seed"]) for r in rows) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    for r in rows:
+        assert 0 <= r["dormant0"] <= r["dormant0.1"] <= 1 and 1 <= r["srank"] <= 32
+        assert r["expert_importance_0"] + r["expert_importance_1"] == pytest.approx(1, 1e-5)
+    found = analyze.expert_subset_eval(out, episodes=2, batch=32, repeats=2, progress=False)
+    full = found["results"][0]
+    assert len(full["eval_return"]) == 2 and all(0 < r <= 50 for r in full["eval_return"])
+    for r in found["results"][-2:]:  # k = E: the full network, action for action
+        assert r["agreement"] == [1.0, 1.0] and r["eval_return"] == full["eval_return"]
 
 
 def test_a_game_list_runs_every_game_into_one_summary(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """`moescale analyze`: plasticity and routing metrics of a run's saved parameters over training, on held-out
-transitions, and expert-subset inference of a trained Soft MoE agent.
+transitions, and expert-subset inference of a trained Soft MoE agent; for runs of the compiled trainer (JAX
+environments) and of the host trainer (Atari, gym:<id>) alike.
 
 Parameters come from the run's snapshots (kept every analysis_every iterations, moescale.train.snapshots)
 and its newest checkpoint. The held-out batch of each seed is drawn from transitions of that seed's final
@@ -61,7 +62,7 @@ class RunParts:
 
     run_dir: Path
     config: TrainConfig
-    env: JaxEnv
+    env: JaxEnv | None  # None for a host-trainer run: its environments are made when needed (make_host_env)
     network: Network
     agent: Agent
 
@@ -73,15 +74,41 @@ def load_run(run_dir: Path) -> RunParts:
         raise AnalysisError(f"run={str(run_dir)!r}: not a run directory (no config.yaml)")
     config = load_run_config(run_dir)
     from moescale.envs.host import is_host_env
+    from moescale.study.runner import env_spaces
 
-    if is_host_env(config.env):
-        raise AnalysisError(f"run={str(run_dir)!r}: trained on {config.env} by the host trainer; `moescale analyze` "
-                            "measures runs of JAX environments. A host run measures the same metrics while it "
-                            "trains with --set analysis_every=K (columns of its metrics.parquet, parameters in "
-                            "snapshots/)")
-    env = make_env(config.env, config.sticky_prob, config.max_episode_steps)
-    network = build_network(config.network, env.obs_shape, env.num_actions, env.obs_dtype)
+    env = None if is_host_env(config.env) else make_env(config.env, config.sticky_prob, config.max_episode_steps)
+    network = build_network(config.network, *env_spaces(config))
     return RunParts(run_dir, config, env, network, make_dqn(network, config.agent))
+
+
+def _host_env(parts: RunParts, num_envs: int) -> Any:
+    from moescale.envs.host import make_host_env
+
+    cfg = parts.config
+    return make_host_env(cfg.env, num_envs, cfg.sticky_prob, cfg.max_episode_steps, seed=cfg.seed + HELD_OUT_KEY)
+
+
+def _epsilon_greedy(q: Callable[[Any, jax.Array, jax.Array], jax.Array], params: Any, obs: jax.Array,
+                    key: jax.Array, epsilon: Any, num_actions: int) -> jax.Array:
+    """Actions (N,) int32: argmax of q(params, obs), a uniformly random action with probability epsilon."""
+    key_q, key_explore, key_random = jax.random.split(key, 3)
+    greedy = jnp.argmax(q(params, obs, key_q), axis=-1).astype(jnp.int32)
+    random = jax.random.randint(key_random, greedy.shape, 0, num_actions, jnp.int32)
+    return jnp.where(jax.random.uniform(key_explore, greedy.shape) < epsilon, random, greedy)
+
+
+def _host_act(q: Callable[[Any, jax.Array, jax.Array], jax.Array], epsilon: float, env: Any
+              ) -> Callable[[Any, np.ndarray, jax.Array], jax.Array]:
+    """(params (S, ...), stacks (S, N, K, *F), keys (S,)) -> actions (S, N) on host env `env`, epsilon-greedy in
+    Q-function q; jitted."""
+    from moescale.envs.host import stack_to_obs
+
+    frame_ndim, num_actions = len(env.frame_shape), env.num_actions
+
+    def one(params: Any, stacks: jax.Array, key: jax.Array) -> jax.Array:
+        return _epsilon_greedy(q, params, stack_to_obs(stacks, frame_ndim), key, epsilon, num_actions)
+
+    return jax.jit(jax.vmap(one))
 
 
 def saved_params(parts: RunParts) -> list[tuple[int, Any]]:
@@ -92,12 +119,18 @@ def saved_params(parts: RunParts) -> list[tuple[int, Any]]:
     params = [(it, load_snapshot(path, like)) for it, path in found]
     last = latest_checkpoint(parts.run_dir / "checkpoints")
     if last is not None and (not found or last > found[-1][0]):
-        from moescale.train.anakin import make_trainer, seed_keys
+        if parts.env is None:  # a host run's checkpoint: {"agent": stacked agent states, "keys": (S,)}
+            keys = jax.random.split(jax.random.key(0), parts.config.seeds)
+            shape = jax.eval_shape(lambda: {"agent": jax.vmap(parts.agent.init)(keys), "keys": keys})
+            state, _ = load_checkpoint(parts.run_dir / "checkpoints", last, shape)
+            params.append((last, state["agent"].params))
+        else:
+            from moescale.train.anakin import make_trainer, seed_keys
 
-        trainer = make_trainer(parts.config)
-        shape = jax.eval_shape(lambda: trainer.layout.stack(trainer.init(seed_keys(parts.config))))
-        state, _ = load_checkpoint(parts.run_dir / "checkpoints", last, shape)
-        params.append((last, state.agent.params))
+            trainer = make_trainer(parts.config)
+            shape = jax.eval_shape(lambda: trainer.layout.stack(trainer.init(seed_keys(parts.config))))
+            state, _ = load_checkpoint(parts.run_dir / "checkpoints", last, shape)
+            params.append((last, state.agent.params))
     if not params:
         raise AnalysisError(f"run={str(parts.run_dir)!r}: no snapshots or checkpoints to analyze (train with "
                             "--set analysis_every=K to keep snapshots)")
@@ -116,11 +149,45 @@ def held_out_batch(parts: RunParts, params: Any, seed: int, size: int) -> LearnB
     not only their starts, in random order (so any prefix, e.g. the NTK's observations, is a random draw)."""
     cfg = parts.config
     key_run, key_pick = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed + HELD_OUT_KEY), seed))
-    data = _collector(parts, max(HELD_OUT_STEPS, -(-size // HELD_OUT_ENVS)))(params, key_run)
-    pick = jax.random.permutation(key_pick, data.reward.shape[0])[:size]
-    data = jax.tree.map(lambda x: x[pick], data)
-    discount = cfg.agent.gamma * (1.0 - data.terminated.astype(jnp.float32))
-    return LearnBatch(data.obs, data.action, data.reward, discount, data.next_obs, jnp.ones_like(data.reward))
+    steps = max(HELD_OUT_STEPS, -(-size // HELD_OUT_ENVS))
+    if parts.env is None:
+        data = _host_transitions(parts, params, key_run, cfg.seed + HELD_OUT_KEY + seed, steps)
+    else:
+        data = _collector(parts, steps)(params, key_run)
+        data = {"obs": data.obs, "action": data.action, "reward": data.reward, "terminated": data.terminated,
+                "next_obs": data.next_obs}
+    pick = jax.random.permutation(key_pick, data["reward"].shape[0])[:size]
+    data = {name: jnp.asarray(value)[pick] for name, value in data.items()}
+    discount = cfg.agent.gamma * (1.0 - data["terminated"].astype(jnp.float32))
+    return LearnBatch(data["obs"], data["action"], data["reward"], discount, data["next_obs"],
+                      jnp.ones_like(data["reward"]))
+
+
+def _host_transitions(parts: RunParts, params: Any, key: jax.Array, env_seed: int, calls: int) -> dict[str, Any]:
+    """collect_transitions of the policy on a host env (HELD_OUT_ENVS of them, reset with env_seed), the stacks
+    turned into the network's observations."""
+    from moescale.envs.host import collect_transitions, stack_to_obs
+
+    env = _host_env(parts, HELD_OUT_ENVS)
+    frame_ndim = len(env.frame_shape)
+    act = _host_policy(parts, frame_ndim)
+    try:
+        data = collect_transitions(env, lambda stacks, t: np.asarray(act(params, stacks, jax.random.fold_in(key, t))),
+                                   env_seed, calls)
+    finally:
+        env.close()
+    return {**data, "obs": stack_to_obs(data["obs"], frame_ndim),
+            "next_obs": stack_to_obs(data["next_obs"], frame_ndim)}
+
+
+@functools.lru_cache(maxsize=8)
+def _host_policy(parts: RunParts, frame_ndim: int) -> Callable[[Any, np.ndarray, jax.Array], jax.Array]:
+    """(params, stacks (N, K, *F), key) -> actions (N,) of the held-out policy (_collector's), jitted once per run."""
+    from moescale.envs.host import stack_to_obs
+
+    eps = jnp.float32(parts.config.agent.eps_end)
+    return jax.jit(lambda params, stacks, key: parts.agent.act(params, stack_to_obs(stacks, frame_ndim), key, eps,
+                                                                noise=False))
 
 
 @functools.lru_cache(maxsize=8)
@@ -311,15 +378,17 @@ def expert_subset_eval(run_dir: Path, episodes: int | None = None, batch: int = 
         def measure(params: Any, obs: jax.Array, key: jax.Array, q: Callable = q) -> tuple[jax.Array, jax.Array]:
             """Eval returns (N,) and greedy actions on the held-out observations of one seed."""
             def act(o: jax.Array, key: jax.Array) -> jax.Array:
-                key_q, key_explore, key_random = jax.random.split(key, 3)
-                greedy = jnp.argmax(q(params, o, key_q), axis=-1).astype(jnp.int32)
-                random = jax.random.randint(key_random, greedy.shape, 0, parts.env.num_actions, jnp.int32)
-                return jnp.where(jax.random.uniform(key_explore, greedy.shape) < eps, random, greedy)
+                return _epsilon_greedy(q, params, o, key, eps, parts.env.num_actions)
 
             returns = episode_returns_of(parts.env, act, key, episodes, cfg.eval_max_steps)
             return returns, jnp.argmax(q(params, obs, key), axis=-1)
 
-        returns, greedy = jax.device_get(jax.jit(jax.vmap(measure))(stacked, held, keys))  # seeds at once
+        if parts.env is None:
+            returns = _host_returns(parts, q, stacked, keys, episodes)
+            greedy = jax.device_get(jax.jit(jax.vmap(lambda p, o, k, q=q: jnp.argmax(q(p, o, k), axis=-1)))(
+                stacked, held, keys))
+        else:
+            returns, greedy = jax.device_get(jax.jit(jax.vmap(measure))(stacked, held, keys))  # seeds at once
         greedy_full = greedy if greedy_full is None else greedy_full
         params0 = seed_params(stacked, 0)
         entry = {"k": experts if k is None else k, "mode": mode,
@@ -348,6 +417,26 @@ def expert_subset_eval(run_dir: Path, episodes: int | None = None, batch: int = 
     tmp.replace(path)
     plot_expert_subset(out, Path(run_dir) / "expert_subset.png")
     return out
+
+
+def _host_returns(parts: RunParts, q: Callable, stacked: Any, keys: jax.Array, episodes: int) -> np.ndarray:
+    """Returns (S, episodes) of every seed's policy epsilon-greedy (eps_eval) in q, on seeds x episodes host
+    environments played side by side, each cut at eval_max_steps calls."""
+    from moescale.envs.host import episode_returns
+
+    cfg = parts.config
+    env = _host_env(parts, cfg.seeds * episodes)
+    act = _host_act(q, cfg.agent.eps_eval, env)
+    try:
+        def policy(stacks: np.ndarray, t: int) -> np.ndarray:
+            step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
+            return np.asarray(act(stacked, stacks.reshape(cfg.seeds, episodes, *stacks.shape[1:]), step_keys))
+
+        returns = episode_returns(env, lambda stacks, t: policy(stacks, t).reshape(-1), cfg.seed + HELD_OUT_KEY + 3,
+                                  cfg.eval_max_steps)
+    finally:
+        env.close()
+    return returns.reshape(cfg.seeds, episodes)
 
 
 def plot_expert_subset(found: dict[str, Any], path: Path) -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import importlib.metadata
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -284,6 +285,44 @@ def make_host_env(name: str, num_envs: int, sticky_prob: float | None = None, ma
     return AtariEnv(name, num_envs, sticky_prob, max_steps)
 
 
+HostAct = Callable[[np.ndarray, int], np.ndarray]  # (stacks (N, K, *F), call index t) -> actions (N,)
+
+
+def episode_returns(env: HostEnv, act: HostAct, seed: int, max_steps: int) -> np.ndarray:
+    """Undiscounted return (N,) of the first episode of each of the env's N environments, reset with `seed`, each
+    cut at max_steps calls (a cut episode counts with its return so far); stops once every episode has ended."""
+    stacks = env.reset(seed)
+    returns = np.zeros(env.num_envs)
+    done = np.zeros(env.num_envs, np.bool_)
+    for t in range(max_steps):
+        env.send(act(stacks, t))
+        step = env.recv()
+        returns += np.where(done, 0.0, step.reward)
+        done |= step.terminated | step.truncated
+        stacks = step.obs
+        if done.all():
+            break
+    return returns
+
+
+def collect_transitions(env: HostEnv, act: HostAct, seed: int, calls: int) -> dict[str, np.ndarray]:
+    """The one-step transitions of `calls` calls of the env's N environments, reset with `seed` (episodes restart
+    as in training; a call that only resets gives none): obs and next_obs stacks (M, K, *F), action (M,) int32,
+    reward (M,) float32 (unclipped) and terminated (M,) bool, call-major."""
+    stacks = env.reset(seed)
+    out: dict[str, list[np.ndarray]] = {"obs": [], "action": [], "reward": [], "terminated": [], "next_obs": []}
+    for t in range(calls):
+        actions = np.asarray(act(stacks, t), np.int32)
+        env.send(actions)
+        step = env.recv()
+        real = ~step.reset
+        for name, value in (("obs", stacks), ("action", actions), ("reward", step.reward),
+                            ("terminated", step.terminated), ("next_obs", step.obs)):
+            out[name].append(value[real])
+        stacks = step.obs
+    return {name: np.concatenate(values) for name, values in out.items()}
+
+
 def host_random_returns(name: str, episodes: int = 100, seed: int = 0, max_steps: int = 100_000) -> np.ndarray:
     """Returns (episodes,) of the uniformly random policy on host env `name` under its protocol defaults: the
     first episode of each of `episodes` environments run side by side, stopped after max_steps calls at the
@@ -291,20 +330,10 @@ def host_random_returns(name: str, episodes: int = 100, seed: int = 0, max_steps
     checks.positive_int("episodes", episodes)
     env = make_host_env(name, episodes, seed=seed)
     rng = np.random.default_rng(seed)
-    returns = np.zeros(episodes)
-    done = np.zeros(episodes, np.bool_)
     try:
-        env.reset(seed)
-        for _ in range(max_steps):
-            env.send(rng.integers(env.num_actions, size=episodes))
-            step = env.recv()
-            returns += np.where(done, 0.0, step.reward)
-            done |= step.terminated | step.truncated
-            if done.all():
-                break
+        return episode_returns(env, lambda stacks, t: rng.integers(env.num_actions, size=episodes), seed, max_steps)
     finally:
         env.close()
-    return returns
 
 
 def check_host_network(name: str, config: Any, sticky_prob: float | None = None) -> None:

@@ -41,7 +41,7 @@ from moescale.agents import epsilon_schedule, make_dqn, priority_beta
 from moescale.analysis.metrics import network_metrics
 from moescale.config import TrainConfig
 from moescale.envs.atari_scores import ATARI_GAMES, human_normalized
-from moescale.envs.host import HostEnv, make_host_env, stack_to_obs
+from moescale.envs.host import HostEnv, episode_returns, make_host_env, stack_to_obs
 from moescale.networks import build_network
 from moescale.replay.frames import FrameReplay
 from moescale.replay.nstep import LearnBatch
@@ -135,21 +135,16 @@ class Stats:
 def _evaluate(run: HostRun, params: Any, iteration: int) -> np.ndarray:
     """Mean return per seed of eval_episodes episodes at eps_eval (one per evaluation environment, each cut at
     eval_max_steps calls; a cut episode counts with its return so far)."""
-    config, env = run.config, run.eval_env
+    config = run.config
     seeds, episodes = config.seeds, config.eval_episodes
     keys = jax.random.split(jax.random.fold_in(jax.random.key(config.seed + EVAL_SEED), iteration), seeds)
-    stacks = env.reset(config.seed + EVAL_SEED + 1000 * iteration)
-    returns = np.zeros(seeds * episodes)
-    done = np.zeros(seeds * episodes, np.bool_)
-    for _ in range(config.eval_max_steps):
+
+    def act(stacks: np.ndarray, t: int) -> np.ndarray:
+        nonlocal keys
         actions, keys = run.act(params, stacks.reshape(seeds, episodes, *stacks.shape[1:]), keys, 0, greedy=True)
-        env.send(np.asarray(actions).reshape(-1))
-        step = env.recv()
-        returns += np.where(done, 0.0, step.reward)
-        done |= step.terminated | step.truncated
-        stacks = step.obs
-        if done.all():
-            break
+        return np.asarray(actions).reshape(-1)
+
+    returns = episode_returns(run.eval_env, act, config.seed + EVAL_SEED + 1000 * iteration, config.eval_max_steps)
     return returns.reshape(seeds, episodes).mean(axis=1)
 
 
