@@ -147,6 +147,13 @@ def routing_metrics(routing: Mapping[str, Any]) -> dict[str, jax.Array]:
 NTK_EXAMPLES = 16  # observations whose Q-values (x actions) span the empirical NTK
 
 
+def ntk_chunk() -> int:
+    """NTK columns computed side by side in network_metrics. On CPU one at a time: the vmapped vjp/jvp of a conv
+    network becomes grouped convolutions, slow on XLA:CPU (Atari Nature CNN + Soft MoE-2, 96 columns: 44 s with
+    16 side by side, 13 s one at a time; MinAtar Soft MoE: 0.86 s and 0.74 s)."""
+    return 1 if jax.default_backend() == "cpu" else 16
+
+
 def network_metrics(network: Any, loss: Callable[..., tuple[jax.Array, dict]], params: Any, target_params: Any,
                     batch: Any, key: jax.Array, ntk_examples: int = NTK_EXAMPLES) -> dict[str, jax.Array]:
     """Every metric on one batch of transitions: dormant fractions, srank and norm of the penultimate features,
@@ -164,5 +171,6 @@ def network_metrics(network: Any, loss: Callable[..., tuple[jax.Array, dict]], p
         norms = expert_norms(experts)
         out.update({f"expert_grad_norm_{i}": norms[i] for i in range(norms.shape[0])})
     obs = batch.obs[:ntk_examples]
-    out["ntk_rank"] = numerical_rank(ntk_gram(lambda p, x: network.apply(p, x).q_values, params, obs))
+    out["ntk_rank"] = numerical_rank(ntk_gram(lambda p, x: network.apply(p, x).q_values, params, obs,
+                                              chunk=ntk_chunk()))
     return out
