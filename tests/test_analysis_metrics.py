@@ -56,9 +56,10 @@ def test_ntk_of_linear_model():
     def fn(p, obs):
         return obs @ p["w"] + p["b"]
 
-    gram = metrics.ntk_gram(fn, params, x, chunk=4)
     expected = np.kron(np.asarray(x) @ np.asarray(x).T + 1.0, np.eye(3))
-    np.testing.assert_allclose(gram, expected, rtol=1e-4, atol=1e-4)
+    for chunk in (1, 4, 18):  # one column at a time; 4 at a time, 2 left over; all 18 at once
+        np.testing.assert_allclose(metrics.ntk_gram(fn, params, x, chunk=chunk), expected, rtol=1e-4, atol=1e-4)
+    gram = metrics.ntk_gram(fn, params, x, chunk=4)
     assert int(metrics.numerical_rank(gram)) == 3 * 3  # rank [X 1] = 3, times 3 outputs
 
     def no_bias(p, obs):
