@@ -78,13 +78,14 @@ class TestHostEnvs:
         assert s.groups[-1].name == "atari100k-der__gym-CartPole-v1__dense-1"
 
     def test_plan_and_update_time_on_host_envs(self):
-        from moescale.study.runner import env_spaces, plan, update_seconds
+        from moescale.envs.host import env_spaces
+        from moescale.study.runner import plan, update_seconds
 
         layers = [{"moe": "dense", "widths": [1, 2]}]
         atari = parse_spec({"preset": "atari100k-der", "envs": ["Pong"], "layers": layers})
         gym = parse_spec({"preset": "classic-dqn", "envs": ["gym:CartPole-v1"], "layers": layers})
-        assert env_spaces(atari.groups[0].config) == ((84, 84, 4), 6, np.uint8)
-        assert env_spaces(gym.groups[0].config) == ((4,), 2, np.float32)
+        assert env_spaces("Pong") == ((84, 84, 4), 6, np.uint8) and env_spaces("atari20")[0] == (84, 84, 4)
+        assert env_spaces("gym:CartPole-v1") == ((4,), 2, np.float32) == env_spaces("CartPole-v1")
         rows = plan(atari, measure=False)
         assert [r["agent_steps"] for r in rows] == [100_000, 100_000] and rows[0]["params"] < rows[1]["params"]
         assert 0 < update_seconds(gym.groups[0].config, repeats=2) < 1

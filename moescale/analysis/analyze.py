@@ -73,11 +73,10 @@ def load_run(run_dir: Path) -> RunParts:
     if not (run_dir / "config.yaml").is_file():
         raise AnalysisError(f"run={str(run_dir)!r}: not a run directory (no config.yaml)")
     config = load_run_config(run_dir)
-    from moescale.envs.host import is_host_env
-    from moescale.study.runner import env_spaces
+    from moescale.envs.host import env_spaces, is_host_env
 
     env = None if is_host_env(config.env) else make_env(config.env, config.sticky_prob, config.max_episode_steps)
-    network = build_network(config.network, *env_spaces(config))
+    network = build_network(config.network, *env_spaces(config.env, config.sticky_prob, config.max_episode_steps))
     return RunParts(run_dir, config, env, network, make_dqn(network, config.agent))
 
 

@@ -285,6 +285,22 @@ def make_host_env(name: str, num_envs: int, sticky_prob: float | None = None, ma
     return AtariEnv(name, num_envs, sticky_prob, max_steps)
 
 
+def env_spaces(name: str, sticky_prob: float | None = None, max_steps: int | None = None
+               ) -> tuple[tuple[int, ...], int, Any]:
+    """(observation shape, number of actions, observation dtype) a network takes on env `name`: a JAX env's
+    observations, or a host env's frame stacks (Atari, gym:<id>; a game list's first game)."""
+    if is_host_env(name):
+        env = make_host_env(games_of(name)[0], 1, sticky_prob, max_steps)
+        try:
+            return env.obs_shape, env.num_actions, env.frame_dtype
+        finally:
+            env.close()
+    from moescale.envs.jax_envs import make_env
+
+    env = make_env(name, sticky_prob, max_steps)
+    return env.obs_shape, env.num_actions, env.obs_dtype
+
+
 HostAct = Callable[[np.ndarray, int], np.ndarray]  # (stacks (N, K, *F), call index t) -> actions (N,)
 
 

@@ -69,34 +69,18 @@ def prepare_study_dir(spec: StudySpec, out: Path) -> None:
                                       "groups": [g.name for g in spec.groups]}, indent=2))
 
 
-def env_spaces(config: TrainConfig) -> tuple[tuple[int, ...], int, Any]:
-    """(observation shape, number of actions, observation dtype) the config's network takes on its env: a JAX
-    env's observations, or a host env's frame stacks (Atari, gym:<id>)."""
-    from moescale.envs.host import is_host_env, make_host_env
-
-    if is_host_env(config.env):
-        env = make_host_env(config.env, 1, config.sticky_prob, config.max_episode_steps)
-        try:
-            return env.obs_shape, env.num_actions, env.frame_dtype
-        finally:
-            env.close()
-    from moescale.envs import make_env
-
-    env = make_env(config.env, config.sticky_prob, config.max_episode_steps)
-    return env.obs_shape, env.num_actions, env.obs_dtype
-
-
 def update_seconds(config: TrainConfig, repeats: int = 5) -> float:
     """Median time of one jitted update of the config's agent (its network and batch) on this machine."""
     import jax
     import jax.numpy as jnp
 
     from moescale.agents.dqn import make_dqn
+    from moescale.envs.host import env_spaces
     from moescale.networks import build_network
     from moescale.replay.nstep import LearnBatch
 
     # The update's cost does not depend on the data: it is timed on a batch of zeros of the env's shapes.
-    obs_shape, num_actions, obs_dtype = env_spaces(config)
+    obs_shape, num_actions, obs_dtype = env_spaces(config.env, config.sticky_prob, config.max_episode_steps)
     agent = make_dqn(build_network(config.network, obs_shape, num_actions, obs_dtype), config.agent)
     state = agent.init(jax.random.key(0))
     size = config.agent.batch_size
@@ -123,12 +107,14 @@ def plan(spec: StudySpec, out: Path | None = None, measure: bool = True) -> list
     update on this machine: a floor on CPU, where the update dominates, leaving out acting, evaluation and
     compilation (about 20 s per group).
     """
+    from moescale.envs.host import env_spaces
     from moescale.networks import build_network
 
     rows = []
     for group in spec.groups:
         config = group.config
-        info = build_network(config.network, *env_spaces(config)).info
+        info = build_network(config.network, *env_spaces(config.env, config.sticky_prob,
+                                                          config.max_episode_steps)).info
         updates = config.seeds * config.iterations * config.iteration_steps // config.agent.update_period
         row = {"group": group.name, **group.point, "seeds": config.seeds, "params": info.params["total"],
                "agent_steps": config.seeds * config.iterations * config.iteration_steps,
