@@ -349,6 +349,15 @@ def test_atari_games_are_human_normalized(tmp_path, capsys):
     cartpole = _row(text, "CartPole-v1")  # the random policy's return, measured; the study's best as reference
     assert 15 < float(cartpole[1]) < 30 and cartpole[2].endswith("(study best)") and cartpole[4] == "normalized"
     assert "Human normalization (Atari games)" in text and "Study-best normalization" in text
+    # `moescale results`: the final eval return's mean, human-normalized on Atari games. Pong's last iteration
+    # (4) returns -21 + 12 x size + seed: means -8.5 (x1) and 3.5 (x2).
+    from moescale.study.results import format_results
+
+    lines = {line.split()[0]: line for line in format_results(out).splitlines()[1:-1]}
+    assert lines[_name("Pong", "dense-1")].endswith(f"(human-normalized {(-8.5 + 20.7) / 35.3:.3f})")
+    assert lines[_name("Pong", "softmoe-2")].endswith(f"(human-normalized {(3.5 + 20.7) / 35.3:.3f})")
+    assert lines[_name("AirRaid", "dense-1")].endswith("(no human score)")
+    assert "human" not in lines[_name("CartPole-v1", "dense-1")]
 
     # The normalized scores themselves, by hand: (score - random) / (human - random), score = the mean of a seed's
     # last SCORE_ITERATIONS eval returns.

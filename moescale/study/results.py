@@ -11,6 +11,7 @@ the old table or a new one.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,10 @@ def write_results(out: Path) -> Path:
 
 
 def final_table(table: pa.Table) -> list[dict[str, Any]]:
-    """Per run group: status, seeds with rows, last agent steps, and final eval returns (mean and per seed)."""
+    """Per run group: status, seeds with rows, last agent steps, final eval returns (mean and per seed) and, on
+    an Atari game, their human-normalized mean (nan for a game without a human score)."""
+    from moescale.envs.atari_scores import ATARI_GAMES, human_normalized
+
     rows = table.to_pylist() if table.num_rows else []
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
@@ -89,8 +93,11 @@ def final_table(table: pa.Table) -> list[dict[str, Any]]:
         last_iteration = max(r["iteration"] for r in group)
         last = sorted((r for r in group if r["iteration"] == last_iteration), key=lambda r: r["seed"])
         returns = [r["eval_return"] for r in last]
-        out.append({"group": name, "status": group[0]["status"], "agent_steps": last[0]["agent_steps"],
-                    "eval_returns": returns, "mean_eval_return": sum(returns) / len(returns)})
+        entry = {"group": name, "status": group[0]["status"], "agent_steps": last[0]["agent_steps"],
+                 "eval_returns": returns, "mean_eval_return": sum(returns) / len(returns)}
+        if group[0].get("env") in ATARI_GAMES:
+            entry["mean_human_normalized"] = human_normalized(group[0]["env"], entry["mean_eval_return"])
+        out.append(entry)
     return out
 
 
@@ -109,6 +116,10 @@ def format_results(out: Path) -> str:
             lines.append(f"{name:<60} {group_status(out / 'runs' / name):<11} {'-':>12} -")
             continue
         seeds = ", ".join(f"{v:.1f}" for v in r["eval_returns"])
-        lines.append(f"{name:<60} {r['status']:<11} {r['agent_steps']:>12,} {r['mean_eval_return']:.1f}; {seeds}")
+        human = "" if "mean_human_normalized" not in r else (
+            " (no human score)" if math.isnan(r["mean_human_normalized"])
+            else f" (human-normalized {r['mean_human_normalized']:.3f})")
+        lines.append(f"{name:<60} {r['status']:<11} {r['agent_steps']:>12,} {r['mean_eval_return']:.1f}; {seeds}"
+                     f"{human}")
     lines.append(f"{table.num_rows} rows x {table.num_columns} columns in {path}")
     return "\n".join(lines)
