@@ -149,8 +149,9 @@ NTK_EXAMPLES = 16  # observations whose Q-values (x actions) span the empirical 
 
 def ntk_chunk() -> int:
     """NTK columns computed side by side in network_metrics. On CPU one at a time: the vmapped vjp/jvp of a conv
-    network becomes grouped convolutions, slow on XLA:CPU (Atari Nature CNN + Soft MoE-2, 96 columns: 44 s with
-    16 side by side, 13 s one at a time; MinAtar Soft MoE: 0.86 s and 0.74 s)."""
+    network becomes grouped convolutions, slow on XLA:CPU (measured with jax 0.10.2 on 2 CPU cores, one gram of
+    96 columns: Atari Nature CNN + Soft MoE-2 44 s with 16 side by side, 13 s one at a time; MinAtar Soft MoE-4
+    0.86 s and 0.74 s)."""
     return 1 if jax.default_backend() == "cpu" else 16
 
 
