@@ -247,7 +247,8 @@ class TestRayExecutor:
         assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("name, groups", [("demo", 5), ("paper-fig1-minatar", 120), ("tokenization", 10)])
+@pytest.mark.parametrize("name, groups", [("demo", 5), ("paper-fig1-minatar", 120), ("tokenization", 10),
+                                          ("atari100k-pong", 2)])
 def test_shipped_specs_parse(name, groups):
     from pathlib import Path
 
