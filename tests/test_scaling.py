@@ -84,11 +84,11 @@ def test_noisy_seeds_recover_alpha_and_bootstrap_ci_covers_it():
     assert boot["E_low"] <= E <= boot["E_high"] and boot["A_low"] < boot["A_high"]
     assert boot["reps"] == 200 and boot["skipped"] == 0 and boot["level"] == 0.95
     assert all(len(v) == 200 for v in boot["samples"].values())
-    # reproducible for a seed, different for another; any hashable seed labels do
-    again = bootstrap_exponents(n, loss, [f"seed{g}" for g in groups], reps=200, seed=0)
-    np.testing.assert_array_equal(again["samples"]["alpha"], boot["samples"]["alpha"])
-    other = bootstrap_exponents(n, loss, groups, reps=200, seed=1)
-    assert not np.array_equal(other["samples"]["alpha"], boot["samples"]["alpha"])
+    # reproducible for a seed (fewer resamples: the first ones), different for another; any hashable seed labels do
+    again = bootstrap_exponents(n, loss, [f"seed{g}" for g in groups], reps=20, seed=0)
+    np.testing.assert_array_equal(again["samples"]["alpha"], boot["samples"]["alpha"][:20])
+    other = bootstrap_exponents(n, loss, groups, reps=20, seed=1)
+    assert not np.array_equal(other["samples"]["alpha"], boot["samples"]["alpha"][:20])
 
 
 def test_bootstrap_warm_start_matches_a_grid_and_skips_thin_resamples():
