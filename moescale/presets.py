@@ -40,7 +40,7 @@ def _minatar_rainbow() -> TrainConfig:
     # Revisiting Rainbow (Obando-Ceron & Castro 2021) on MinAtar: the minatar-dqn settings with Adam 1e-4,
     # 3-step returns, prioritized replay, C51 with 51 atoms on [-100, 100], dueling, double Q and noisy nets.
     # Prioritization exponents from Rainbow (Hessel et al. 2018): alpha 0.5, beta 0.4 -> 1 over the preset's 10M
-    # steps (priority_beta_steps: a run given other steps sets it too to anneal over its own length).
+    # steps (priority_beta_steps is not tied to `steps`: a shorter run that wants beta to reach 1 sets it too).
     # Epsilon-greedy stays on top of the noisy nets with minatar-dqn's schedule.
     agent = dataclasses.replace(AgentConfig(), learning_rate=1e-4, n_step=3, double_q=True, prioritized=True,
                                 priority_alpha=0.5, priority_beta_start=0.4, priority_beta_steps=10_000_000)

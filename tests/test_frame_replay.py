@@ -307,6 +307,17 @@ def check_all_slots(replay: FrameReplay, streams: Streams, cfg: Cfg) -> tuple[di
     return refs, rejected
 
 
+def wrapped(cfg: Cfg, prioritized: bool, replay_seed: int, stream_seed: int
+            ) -> tuple[FrameReplay, Streams, dict[int, dict]]:
+    """A replay after 40 calls of E random streams (wrapped several times) and its accepted starts (slot ->
+    reference transition), checked against the reference."""
+    replay, streams = cfg.replay(prioritized=prioritized, seed=replay_seed), Streams(cfg.num_envs, seed=stream_seed)
+    for _ in range(40):
+        streams.step(replay)
+    refs, _ = check_all_slots(replay, streams, cfg)
+    return replay, streams, refs
+
+
 # ---------------------------------------------------------------------------------- FrameReplay vs reference
 
 
@@ -401,10 +412,7 @@ def test_uniform_sampling_is_uniform_over_starts():
     """100k uniform draws over the accepted starts of a wrapped replay (finals among the held records, so
     rejection happens): only accepted starts are drawn, each within 4 standard errors of 1 / #starts."""
     cfg = Cfg()
-    replay, streams = cfg.replay(seed=4), Streams(cfg.num_envs, seed=5)
-    for _ in range(40):
-        streams.step(replay)
-    refs, _ = check_all_slots(replay, streams, cfg)
+    replay, streams, refs = wrapped(cfg, False, 4, 5)
     assert any(replay.final[e, p] for e in range(cfg.num_envs) for p in range(cfg.length))
     draws = []
     for _ in range(100):
@@ -421,10 +429,7 @@ def test_uniform_draws_from_a_prioritized_replay_with_a_generator_of_their_own()
     """The analysis draws: uniform over the accepted starts even when priorities are skewed (mass 1 each), from
     the generator given, leaving the replay's own generator (the training's draws) where it was."""
     cfg = Cfg()
-    replay, streams = cfg.replay(prioritized=True, seed=4), Streams(cfg.num_envs, seed=5)
-    for _ in range(40):
-        streams.step(replay)
-    refs, _ = check_all_slots(replay, streams, cfg)
+    replay, streams, refs = wrapped(cfg, True, 4, 5)
     starts = np.array(sorted(refs))
     replay.update_priorities(starts[:1], np.array([1e6]))  # nearly all prioritized mass on one start
     before = replay.rng.bit_generator.state
@@ -487,10 +492,7 @@ def test_prioritized_guard_against_empty_leaves():
     search to its last leaf, a padding leaf without mass (36 slots, 64 leaves): sample_indices draws again, so
     every slot it returns is an accepted start with mass."""
     cfg = Cfg()
-    replay, streams = cfg.replay(prioritized=True), Streams(cfg.num_envs, seed=17)
-    for _ in range(40):
-        streams.step(replay)
-    refs, _ = check_all_slots(replay, streams, cfg)
+    replay, streams, refs = wrapped(cfg, True, 0, 17)
     replay.rng = SeqRng(np.full(4, np.nextafter(1.0, 0.0)))
     env, pos, mass = replay.sample_indices(4)
     assert not replay.rng.arrays  # the crafted uniforms were used
@@ -503,10 +505,7 @@ def test_update_priorities():
     are no start at 0 (the newest record, the oldest of a wrapped stream, a final record), raises max_priority to
     the largest priority given and never lowers it; starts made after that get max_priority^alpha."""
     cfg = Cfg()
-    replay, streams = cfg.replay(prioritized=True), Streams(cfg.num_envs, seed=7)
-    for _ in range(40):
-        streams.step(replay)
-    refs, _ = check_all_slots(replay, streams, cfg)
+    replay, streams, refs = wrapped(cfg, True, 0, 7)
     everything = np.arange(cfg.num_envs * cfg.length)
     starts = sorted(refs)
     newest = (replay.cursor - 1) % cfg.length  # no successor
@@ -538,10 +537,7 @@ def test_importance_weights_and_prioritized_batches():
     """sample(B, beta): the slots are accepted starts whose batch equals the reference; the weights are
     (mass_i / min mass)^(-beta) with the largest exactly 1; beta = 0, and uniform sampling, give ones."""
     cfg = Cfg()
-    replay, streams = cfg.replay(prioritized=True, seed=8), Streams(cfg.num_envs, seed=9)
-    for _ in range(40):
-        streams.step(replay)
-    refs, _ = check_all_slots(replay, streams, cfg)
+    replay, streams, refs = wrapped(cfg, True, 8, 9)
     starts = np.array(sorted(refs))
     priorities = 1.0 + np.arange(len(starts))
     replay.update_priorities(starts, priorities)
@@ -567,10 +563,7 @@ def test_prioritized_frequencies():
     """All starts at priority 0 except three at 1, 4, 9 (masses 1, 2, 3 for alpha 1/2): 60k draws hit only those,
     with frequencies within 4 standard errors of 1/6, 2/6, 3/6."""
     cfg = Cfg()
-    replay, streams = cfg.replay(prioritized=True, seed=10), Streams(cfg.num_envs, seed=11)
-    for _ in range(40):
-        streams.step(replay)
-    refs, _ = check_all_slots(replay, streams, cfg)
+    replay, streams, refs = wrapped(cfg, True, 10, 11)
     starts = np.array(sorted(refs))
     replay.update_priorities(starts, np.zeros(len(starts)))
     chosen = starts[[0, len(starts) // 2, -1]]

@@ -427,12 +427,12 @@ def _host_returns(parts: RunParts, q: Callable, stacked: Any, keys: jax.Array, e
     env = _host_env(parts, cfg.seeds * episodes)
     act = _host_act(q, cfg.agent.eps_eval, env)
     try:
-        def policy(stacks: np.ndarray, t: int) -> np.ndarray:
+        def policy(stacks: np.ndarray, t: int) -> np.ndarray:  # (S * episodes, ...) -> (S * episodes,)
             step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
-            return np.asarray(act(stacked, stacks.reshape(cfg.seeds, episodes, *stacks.shape[1:]), step_keys))
+            by_seed = stacks.reshape(cfg.seeds, episodes, *stacks.shape[1:])
+            return np.asarray(act(stacked, by_seed, step_keys)).reshape(-1)
 
-        returns = episode_returns(env, lambda stacks, t: policy(stacks, t).reshape(-1), cfg.seed + HELD_OUT_KEY + 3,
-                                  cfg.eval_max_steps)
+        returns = episode_returns(env, policy, cfg.seed + HELD_OUT_KEY + 3, cfg.eval_max_steps)
     finally:
         env.close()
     return returns.reshape(cfg.seeds, episodes)
