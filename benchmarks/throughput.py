@@ -45,11 +45,15 @@ def parse_runs(text: str) -> list[tuple[int, str]]:
     return runs
 
 
-def compiled_sps(arch: str, seeds: int, layout: str, iteration_steps: int, repeats: int) -> dict:
-    """Compile time and median agent steps/s (all seeds) of one compiled configuration."""
-    sets = ARCHS[arch] + [f"seeds={seeds}", f"seed_layout={layout}", f"iteration_steps={iteration_steps}",
-                          "eval_episodes=1", "eval_max_steps=1", f"steps={iteration_steps * (repeats + 1)}"]
-    config = apply_overrides(get_preset("minatar-dqn"), sets)
+def warmed_trainer(arch: str, seeds: int, layout: str, iteration_steps: int, steps: int,
+                   sets: tuple[str, ...] = ()) -> tuple:
+    """A compiled minatar-dqn iterate run past min_replay: (run, states, step, trainer, compile seconds).
+
+    sets: further `key=value` overrides (e.g. num_envs=4), applied last.
+    """
+    overrides = ARCHS[arch] + [f"seeds={seeds}", f"seed_layout={layout}", f"iteration_steps={iteration_steps}",
+                               "eval_episodes=1", "eval_max_steps=1", f"steps={steps}", *sets]
+    config = apply_overrides(get_preset("minatar-dqn"), overrides)
     trainer = make_trainer(config)
     states = trainer.init(seed_keys(config))
     t0 = time.perf_counter()
@@ -59,6 +63,13 @@ def compiled_sps(arch: str, seeds: int, layout: str, iteration_steps: int, repea
     while step < config.agent.min_replay:  # warm-up: fill replay until learning starts
         states, _ = run(states, jnp.int32(step))
         step += iteration_steps
+    return run, states, step, trainer, compile_s
+
+
+def compiled_sps(arch: str, seeds: int, layout: str, iteration_steps: int, repeats: int) -> dict:
+    """Compile time and median agent steps/s (all seeds) of one compiled configuration."""
+    run, states, step, trainer, compile_s = warmed_trainer(arch, seeds, layout, iteration_steps,
+                                                           iteration_steps * (repeats + 1))
     rates = []
     for _ in range(repeats):
         jax.block_until_ready(states)

@@ -1,14 +1,23 @@
-"""benchmarks/layer_step.py: its section of BENCHMARKS.md is replaced in place, the rest kept."""
+"""benchmarks/layer_step.py: its section of BENCHMARKS.md is replaced in place, the rest kept;
+benchmarks/kernel_profile.py: device time per kernel from a trace."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
-SPEC = importlib.util.spec_from_file_location(
-    "layer_step", Path(__file__).resolve().parents[1] / "benchmarks" / "layer_step.py")
-layer_step = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(layer_step)
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+layer_step = _load("layer_step")
+kernel_profile = _load("kernel_profile")
 
 
 class TestWriteSection:
@@ -90,3 +99,38 @@ def test_throughput_runs_parse_and_reject():
             assert repr(bad.split(",")[0]) in str(err)
         else:
             raise AssertionError(f"{bad!r} accepted")
+
+
+
+class TestKernelProfile:
+    """benchmarks/kernel_profile.py: device time per kernel from a perfetto trace, hand-made here."""
+
+    @staticmethod
+    def meta(pid, name, tid=None):
+        if tid is None:
+            return {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}
+        return {"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": name}}
+
+    @staticmethod
+    def x(pid, tid, name, ts, dur):
+        return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur}
+
+    def test_device_kernels_summed_by_name(self):
+        kp = kernel_profile
+        trace = {"traceEvents": [
+            self.meta(1, "/host:CPU"), self.meta(7, "/device:GPU:0"),
+            self.x(1, 10, "PjitFunction", 0.0, 100.0),  # host: not counted when a device exists
+            self.x(7, 1, "fusion.3", 0.0, 4.0), self.x(7, 1, "gemm", 5.0, 10.0), self.x(7, 1, "fusion.3", 20.0, 6.0),
+            self.x(7, 2, "gemm", 0.0, 2.5)]}
+        rows = kp.kernel_table(kp.device_events(trace))
+        assert rows == [("gemm", 2, 12.5), ("fusion.3", 2, 10.0)]
+
+    def test_cpu_trace_keeps_leaf_events_off_the_python_thread(self):
+        kp = kernel_profile
+        trace = [self.meta(1, "/host:CPU"), self.meta(1, "python", tid=5), self.meta(1, "xla", tid=6),
+                 self.x(1, 5, "PjitFunction", 0.0, 50.0),
+                 self.x(1, 6, "ThunkExecutor::Execute", 0.0, 30.0),  # encloses the two ops below
+                 self.x(1, 6, "conv.1", 1.0, 10.0), self.x(1, 6, "fusion.2", 12.0, 8.0),
+                 self.x(1, 6, "fusion.2", 40.0, 2.0)]
+        rows = kp.kernel_table(kp.device_events(trace))
+        assert rows == [("conv.1", 1, 10.0), ("fusion.2", 2, 10.0)]
