@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import shlex
 import statistics
 import sys
@@ -46,6 +47,18 @@ def layer_name(config: dict) -> str:
     return "dense" if net["moe"] == "dense" else f"{net['moe']}-{net['num_experts']}"
 
 
+def cell(values: list[float], env: str) -> str:
+    """Mean ± sample sd over seeds, then each seed's value; on an Atari game with reference scores, the
+    human-normalized mean (moescale.envs.atari_scores) after it."""
+    from moescale.envs.atari_scores import ATARI_GAMES, human_normalized
+
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    text = f"{statistics.mean(values):.1f} ± {sd:.1f} ({', '.join(f'{v:.1f}' for v in values)})"
+    if env in ATARI_GAMES and math.isfinite(human_normalized(env, 0.0)):
+        text += f"; human-normalized {human_normalized(env, statistics.mean(values)):.3f}"
+    return text
+
+
 def table_rows(run_dirs: list[Path], budgets: list[int]) -> list[str]:
     """Markdown rows: game, layer, seeds, then one cell per budget."""
     rows = []
@@ -54,11 +67,8 @@ def table_rows(run_dirs: list[Path], budgets: list[int]) -> list[str]:
         cells = []
         for steps in budgets:
             values = eval_at(run_dir, steps)
-            if values is None:
-                cells.append(f"not reached (run ended at {last_steps(run_dir):,})")
-                continue
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {sd:.1f} ({', '.join(f'{v:.1f}' for v in values)})")
+            cells.append(f"not reached (run ended at {last_steps(run_dir):,})" if values is None
+                         else cell(values, config["env"]))
         rows.append(f"| {config['preset']} | {config['env']} | {layer_name(config)} | {config['seeds']} | "
                     + " | ".join(cells) + " |")
     return rows
@@ -110,12 +120,16 @@ def cmd_table(args: argparse.Namespace) -> int:
     print("\n".join(lines))
     if args.write:
         command = shlex.join(["python", "benchmarks/learning.py", *args.argv])
-        text = (f"## Learning: eval return at fixed budgets, dense vs Soft MoE-4\n\nCommand: `{command}`  \n"
+        configs = [yaml.safe_load((d / "config.yaml").read_text()) for d in args.run_dirs]
+        layers = dict.fromkeys(layer_name(c) for c in configs)
+        evals = dict.fromkeys(f"{c.get('eval_episodes', 8)} episodes, eps {c.get('agent', {}).get('eps_eval', 0.001)}"
+                              for c in configs)
+        text = (f"## Learning: eval return at fixed budgets, {' vs '.join(layers)}\n\nCommand: `{command}`  \n"
                 f"Trained on: {args.trained_on or trained_on(args.run_dirs)}  \n"
                 f"Date: {datetime.date.today().isoformat()}. Eval return of each seed at the end of the iteration "
-                "that reaches the budget (8 episodes, eps 0.001); mean ± sample standard deviation over seeds, "
-                "then each seed's value.\n\n" + "\n".join(lines) + "\n")
-        write_section(args.write, text, "learning")
+                f"that reaches the budget ({'; '.join(evals)}); mean ± sample standard deviation over seeds, "
+                "then each seed's value (Atari: then the human-normalized mean).\n\n" + "\n".join(lines) + "\n")
+        write_section(args.write, text, args.section)
     return 0
 
 
@@ -132,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("run_dirs", type=Path, nargs="+", help="run directories, or directories holding them")
     table.add_argument("--at", default="1000000,5000000", help="comma list of agent-step budgets")
     table.add_argument("--write", type=Path, default=None)
+    table.add_argument("--section", default="learning", help="name of the section --write replaces")
     table.add_argument("--trained-on", default=None, help="device the runs trained on, for runs without summary.json")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]

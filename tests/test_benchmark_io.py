@@ -50,14 +50,6 @@ def test_section_text_names_the_exact_command():
     assert lines[-1] == "| a |"
 
 
-def _load(name: str):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class TestLearningTable:
     def _run(self, root: Path, name: str, evals: dict[int, list[float]]) -> Path:
         run = root / name
@@ -80,6 +72,13 @@ class TestLearningTable:
         assert row == ("| minatar-dqn | Breakout-MinAtar | softmoe-4 | 2 | 4.0 ± 1.4 (3.0, 5.0) | "
                        "not reached (run ended at 200) |")
 
+    def test_atari_cells_add_the_human_normalized_mean(self):
+        learning = _load("learning")
+        # Pong: random -20.7, human 14.6; mean of -19.0 and -20.0 is -19.5: (-19.5 + 20.7) / 35.3 = 0.034
+        assert learning.cell([-19.0, -20.0], "Pong") == "-19.5 ± 0.7 (-19.0, -20.0); human-normalized 0.034"
+        assert learning.cell([10.0], "AirRaid") == "10.0 ± 0.0 (10.0)"  # no human score
+        assert learning.cell([10.0], "Breakout-MinAtar") == "10.0 ± 0.0 (10.0)"
+
     def test_parent_directories_expand_to_their_runs(self, tmp_path):
         learning = _load("learning")
         a, b = self._run(tmp_path, "a", {1: [0.0]}), self._run(tmp_path, "b", {1: [0.0]})
@@ -101,7 +100,6 @@ def test_throughput_runs_parse_and_reject():
             raise AssertionError(f"{bad!r} accepted")
 
 
-
 class TestKernelProfile:
     """benchmarks/kernel_profile.py: device time per kernel from a perfetto trace, hand-made here."""
 
@@ -116,21 +114,19 @@ class TestKernelProfile:
         return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur}
 
     def test_device_kernels_summed_by_name(self):
-        kp = kernel_profile
         trace = {"traceEvents": [
             self.meta(1, "/host:CPU"), self.meta(7, "/device:GPU:0"),
             self.x(1, 10, "PjitFunction", 0.0, 100.0),  # host: not counted when a device exists
             self.x(7, 1, "fusion.3", 0.0, 4.0), self.x(7, 1, "gemm", 5.0, 10.0), self.x(7, 1, "fusion.3", 20.0, 6.0),
             self.x(7, 2, "gemm", 0.0, 2.5)]}
-        rows = kp.kernel_table(kp.device_events(trace))
+        rows = kernel_profile.kernel_table(kernel_profile.device_events(trace))
         assert rows == [("gemm", 2, 12.5), ("fusion.3", 2, 10.0)]
 
     def test_cpu_trace_keeps_leaf_events_off_the_python_thread(self):
-        kp = kernel_profile
         trace = [self.meta(1, "/host:CPU"), self.meta(1, "python", tid=5), self.meta(1, "xla", tid=6),
                  self.x(1, 5, "PjitFunction", 0.0, 50.0),
                  self.x(1, 6, "ThunkExecutor::Execute", 0.0, 30.0),  # encloses the two ops below
                  self.x(1, 6, "conv.1", 1.0, 10.0), self.x(1, 6, "fusion.2", 12.0, 8.0),
                  self.x(1, 6, "fusion.2", 40.0, 2.0)]
-        rows = kp.kernel_table(kp.device_events(trace))
+        rows = kernel_profile.kernel_table(kernel_profile.device_events(trace))
         assert rows == [("conv.1", 1, 10.0), ("fusion.2", 2, 10.0)]
