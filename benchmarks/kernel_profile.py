@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import ARCHS, warmed_trainer  # noqa: E402
 
 
-def device_events(trace: dict | list) -> list[dict]:
+def device_events(trace: dict | list) -> tuple[list[dict], str]:
     """Complete ("X") events of the device processes (names starting "/device:"); when the trace has none
     (a CPU run), those of the host process's threads other than the Python thread. Only leaf events are
     kept: an event that encloses a later one on its thread (a CPU runtime's executor around its ops) would
-    count the same time twice."""
+    count the same time twice. Returns the events and where they came from, in words."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     processes = {e["pid"]: e["args"]["name"] for e in events
                  if e.get("ph") == "M" and e.get("name") == "process_name"}
@@ -40,8 +40,12 @@ def device_events(trace: dict | list) -> list[dict]:
     python = {e["tid"] for e in events
               if e.get("ph") == "M" and e.get("name") == "thread_name" and e["args"]["name"] == "python"}
     complete = [e for e in events if e.get("ph") == "X"]
-    chosen = ([e for e in complete if e.get("pid") in devices] if devices
-              else [e for e in complete if e.get("tid") not in python])
+    if devices:
+        chosen = [e for e in complete if e.get("pid") in devices]
+        source = ", ".join(sorted(processes[pid] for pid in devices))
+    else:
+        chosen = [e for e in complete if e.get("tid") not in python]
+        source = "host threads other than Python's (no device process in the trace)"
     by_thread: dict[tuple, list[dict]] = collections.defaultdict(list)
     for e in chosen:
         by_thread[e.get("pid"), e.get("tid")].append(e)
@@ -51,7 +55,7 @@ def device_events(trace: dict | list) -> list[dict]:
         for e, after in zip(thread, thread[1:] + [None], strict=True):
             if after is None or float(after["ts"]) >= float(e["ts"]) + float(e.get("dur", 0.0)):
                 leaves.append(e)
-    return leaves
+    return leaves, source
 
 
 def kernel_table(events: list[dict]) -> list[tuple[str, int, float]]:
@@ -101,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
                 step += args.iteration_steps
             jax.block_until_ready(metrics)
         wall = time.perf_counter() - t0
-        rows = kernel_table(device_events(load_trace(Path(log_dir))))
+        events, source = device_events(load_trace(Path(log_dir)))
+        rows = kernel_table(events)
     config = trainer.config
     rounds = args.iterations * config.iteration_steps // config.steps_per_loop
     busy = sum(r[2] for r in rows)
     print(f"{args.arch}, {args.seeds} seeds ({trainer.layout.name}), {jax.devices()[0].device_kind}, "
           f"compile {compile_s:.1f} s; {args.iterations} iterations of {args.iteration_steps} agent steps per seed "
           f"({rounds} update rounds) in {wall:.2f} s under the profiler; device events {busy / 1e3:.1f} ms, "
-          f"{busy / rounds:.1f} us per round; {len(rows)} kernel names")
+          f"{busy / rounds:.1f} us per round; {len(rows)} kernel names, from {source}")
     print("| kernel | calls | total ms | share | us per call | us per round |\n|---|---|---|---|---|---|")
     for name, calls, total in rows[:args.top]:
         print(f"| {name} | {calls} | {total / 1e3:.2f} | {total / busy:.1%} | {total / calls:.1f} | "

@@ -119,8 +119,9 @@ class TestKernelProfile:
             self.x(1, 10, "PjitFunction", 0.0, 100.0),  # host: not counted when a device exists
             self.x(7, 1, "fusion.3", 0.0, 4.0), self.x(7, 1, "gemm", 5.0, 10.0), self.x(7, 1, "fusion.3", 20.0, 6.0),
             self.x(7, 2, "gemm", 0.0, 2.5)]}
-        rows = kernel_profile.kernel_table(kernel_profile.device_events(trace))
-        assert rows == [("gemm", 2, 12.5), ("fusion.3", 2, 10.0)]
+        events, source = kernel_profile.device_events(trace)
+        assert kernel_profile.kernel_table(events) == [("gemm", 2, 12.5), ("fusion.3", 2, 10.0)]
+        assert source == "/device:GPU:0"
 
     def test_cpu_trace_keeps_leaf_events_off_the_python_thread(self):
         trace = [self.meta(1, "/host:CPU"), self.meta(1, "python", tid=5), self.meta(1, "xla", tid=6),
@@ -128,5 +129,6 @@ class TestKernelProfile:
                  self.x(1, 6, "ThunkExecutor::Execute", 0.0, 30.0),  # encloses the two ops below
                  self.x(1, 6, "conv.1", 1.0, 10.0), self.x(1, 6, "fusion.2", 12.0, 8.0),
                  self.x(1, 6, "fusion.2", 40.0, 2.0)]
-        rows = kernel_profile.kernel_table(kernel_profile.device_events(trace))
-        assert rows == [("conv.1", 1, 10.0), ("fusion.2", 2, 10.0)]
+        events, source = kernel_profile.device_events(trace)
+        assert kernel_profile.kernel_table(events) == [("conv.1", 1, 10.0), ("fusion.2", 2, 10.0)]
+        assert source.startswith("host threads")
