@@ -2,10 +2,10 @@
 
 The minatar-dqn iterate program of benchmarks/throughput.py (Breakout-MinAtar, dense or Soft MoE-4) is
 compiled, run past min_replay, then run --iterations times under jax.profiler. The trace's device events (GPU
-kernels; on a CPU, the XLA runtime's op events on its own threads, where tracing slows the run several times
-over) are summed by name and the --top largest printed: calls, total ms, share of all device time,
-microseconds per call and per update round (one update and update_period agent steps of every seed). Kernel
-names are the optimized HLO's instruction names: --hlo writes that HLO so a fusion can be looked up.
+kernels on their streams) are summed by name and the --top largest printed: calls, total ms, share of all
+device time, microseconds per call and per update round (one update and update_period agent steps of every
+seed). Kernel names are the optimized HLO's instruction names: --hlo writes that HLO to look a fusion up.
+It needs an accelerator: XLA:CPU's trace times its thread pools, not the program's ops one by one.
 
     python benchmarks/kernel_profile.py --arch dense --seeds 16 --layout vmap --iterations 2 --top 25 --hlo /tmp/it.hlo
 """
@@ -29,32 +29,32 @@ from throughput import ARCHS, warmed_trainer  # noqa: E402
 
 
 def device_events(trace: dict | list) -> tuple[list[dict], str]:
-    """Complete ("X") events of the device processes (names starting "/device:"); when the trace has none
-    (a CPU run), those of the host process's threads other than the Python thread. Only leaf events are
-    kept: an event that encloses a later one on its thread (a CPU runtime's executor around its ops) would
-    count the same time twice. Returns the events and where they came from, in words."""
+    """Complete ("X") events of the device processes (names starting "/device:"), from their stream threads
+    (names holding "Stream") when the trace has such threads: other device lines ("XLA Modules", "XLA Ops")
+    repeat the streams' time. Only leaf events are kept: an event that encloses a later one on its thread
+    would count the same time twice. Returns the events and the "process: thread" lines they came from.
+    ValueError when the trace has no device process (a CPU run)."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    processes = {e["pid"]: e["args"]["name"] for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    meta = [e for e in events if e.get("ph") == "M"]
+    processes = {e["pid"]: e["args"]["name"] for e in meta if e.get("name") == "process_name"}
     devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
-    python = {e["tid"] for e in events
-              if e.get("ph") == "M" and e.get("name") == "thread_name" and e["args"]["name"] == "python"}
-    complete = [e for e in events if e.get("ph") == "X"]
-    if devices:
-        chosen = [e for e in complete if e.get("pid") in devices]
-        source = ", ".join(sorted(processes[pid] for pid in devices))
-    else:
-        chosen = [e for e in complete if e.get("tid") not in python]
-        source = "host threads other than Python's (no device process in the trace)"
+    if not devices:
+        raise ValueError(f"the trace has no device process (processes: {sorted(processes.values())})")
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta
+               if e.get("name") == "thread_name" and e["pid"] in devices}
+    streams = {key for key, name in threads.items() if "Stream" in name}
     by_thread: dict[tuple, list[dict]] = collections.defaultdict(list)
-    for e in chosen:
-        by_thread[e.get("pid"), e.get("tid")].append(e)
+    for e in events:
+        key = (e.get("pid"), e.get("tid"))
+        if e.get("ph") == "X" and e.get("pid") in devices and (not streams or key in streams):
+            by_thread[key].append(e)
     leaves = []
     for thread in by_thread.values():
         thread.sort(key=lambda e: (float(e["ts"]), -float(e.get("dur", 0.0))))
         for e, after in zip(thread, thread[1:] + [None], strict=True):
             if after is None or float(after["ts"]) >= float(e["ts"]) + float(e.get("dur", 0.0)):
                 leaves.append(e)
+    source = ", ".join(sorted(f"{processes[pid]}: {threads.get((pid, tid), tid)}" for pid, tid in by_thread))
     return leaves, source
 
 
@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="further config overrides, e.g. num_envs=4")
     parser.add_argument("--hlo", type=Path, default=None, help="write the optimized HLO of iterate here")
     args = parser.parse_args(argv)
+    if jax.default_backend() == "cpu":
+        # XLA:CPU's trace times its runtime's thread pools, not the program's ops one by one.
+        parser.error("needs an accelerator: on a CPU the trace does not time XLA ops one by one")
     if min(args.seeds, args.iterations, args.top) < 1 or args.iteration_steps < 4 or args.iteration_steps % 4:
         parser.error("--seeds, --iterations and --top must be >= 1, --iteration-steps a positive multiple of 4")
     run, states, step, trainer, compile_s = warmed_trainer(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -113,22 +115,25 @@ class TestKernelProfile:
     def x(pid, tid, name, ts, dur):
         return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur}
 
-    def test_device_kernels_summed_by_name(self):
+    def test_stream_kernels_summed_by_name(self):
         trace = {"traceEvents": [
-            self.meta(1, "/host:CPU"), self.meta(7, "/device:GPU:0"),
-            self.x(1, 10, "PjitFunction", 0.0, 100.0),  # host: not counted when a device exists
+            self.meta(1, "/host:CPU"), self.meta(7, "/device:GPU:0"), self.meta(7, "Stream #13(Compute)", tid=1),
+            self.meta(7, "Stream #14(Memcpy)", tid=2), self.meta(7, "XLA Modules", tid=3),
+            self.x(1, 10, "PjitFunction", 0.0, 100.0),  # host: not counted
+            self.x(7, 3, "jit_iterate", 0.0, 30.0),  # repeats the streams' time: not counted
             self.x(7, 1, "fusion.3", 0.0, 4.0), self.x(7, 1, "gemm", 5.0, 10.0), self.x(7, 1, "fusion.3", 20.0, 6.0),
-            self.x(7, 2, "gemm", 0.0, 2.5)]}
+            self.x(7, 2, "MemcpyD2H", 0.0, 2.5)]}
         events, source = kernel_profile.device_events(trace)
-        assert kernel_profile.kernel_table(events) == [("gemm", 2, 12.5), ("fusion.3", 2, 10.0)]
-        assert source == "/device:GPU:0"
+        assert kernel_profile.kernel_table(events) == [("fusion.3", 2, 10.0), ("gemm", 1, 10.0),
+                                                      ("MemcpyD2H", 1, 2.5)]
+        assert source == "/device:GPU:0: Stream #13(Compute), /device:GPU:0: Stream #14(Memcpy)"
 
-    def test_cpu_trace_keeps_leaf_events_off_the_python_thread(self):
-        trace = [self.meta(1, "/host:CPU"), self.meta(1, "python", tid=5), self.meta(1, "xla", tid=6),
-                 self.x(1, 5, "PjitFunction", 0.0, 50.0),
-                 self.x(1, 6, "ThunkExecutor::Execute", 0.0, 30.0),  # encloses the two ops below
-                 self.x(1, 6, "conv.1", 1.0, 10.0), self.x(1, 6, "fusion.2", 12.0, 8.0),
-                 self.x(1, 6, "fusion.2", 40.0, 2.0)]
-        events, source = kernel_profile.device_events(trace)
+    def test_enclosing_events_count_once_and_a_trace_without_device_is_refused(self):
+        trace = [self.meta(7, "/device:TPU:0"), self.meta(7, "ops", tid=6),
+                 self.x(7, 6, "module", 0.0, 30.0),  # encloses the two ops below
+                 self.x(7, 6, "conv.1", 1.0, 10.0), self.x(7, 6, "fusion.2", 12.0, 8.0),
+                 self.x(7, 6, "fusion.2", 40.0, 2.0)]
+        events, _ = kernel_profile.device_events(trace)
         assert kernel_profile.kernel_table(events) == [("conv.1", 1, 10.0), ("fusion.2", 2, 10.0)]
-        assert source.startswith("host threads")
+        with pytest.raises(ValueError, match="no device process"):
+            kernel_profile.device_events([self.meta(1, "/host:CPU"), self.x(1, 5, "op", 0.0, 1.0)])
