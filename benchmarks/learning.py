@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import shlex
 import statistics
 import sys
@@ -50,11 +49,11 @@ def layer_name(config: dict) -> str:
 def cell(values: list[float], env: str) -> str:
     """Mean ± sample sd over seeds, then each seed's value; on an Atari game with reference scores, the
     human-normalized mean (moescale.envs.atari_scores) after it."""
-    from moescale.envs.atari_scores import ATARI_GAMES, human_normalized
+    from moescale.envs.atari_scores import HUMAN_SCORES, human_normalized
 
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     text = f"{statistics.mean(values):.1f} ± {sd:.1f} ({', '.join(f'{v:.1f}' for v in values)})"
-    if env in ATARI_GAMES and math.isfinite(human_normalized(env, 0.0)):
+    if env in HUMAN_SCORES:
         text += f"; human-normalized {human_normalized(env, statistics.mean(values)):.3f}"
     return text
 
@@ -122,8 +121,7 @@ def cmd_table(args: argparse.Namespace) -> int:
         command = shlex.join(["python", "benchmarks/learning.py", *args.argv])
         configs = [yaml.safe_load((d / "config.yaml").read_text()) for d in args.run_dirs]
         layers = dict.fromkeys(layer_name(c) for c in configs)
-        evals = dict.fromkeys(f"{c.get('eval_episodes', 8)} episodes, eps {c.get('agent', {}).get('eps_eval', 0.001)}"
-                              for c in configs)
+        evals = dict.fromkeys(f"{c['eval_episodes']} episodes, eps {c['agent']['eps_eval']}" for c in configs)
         text = (f"## Learning: eval return at fixed budgets, {' vs '.join(layers)}\n\nCommand: `{command}`  \n"
                 f"Trained on: {args.trained_on or trained_on(args.run_dirs)}  \n"
                 f"Date: {datetime.date.today().isoformat()}. Eval return of each seed at the end of the iteration "
