@@ -28,11 +28,20 @@ GAMES = ("Breakout", "SpaceInvaders")
 LAYERS = {"dense": ["--moe", "dense"], "softmoe-4": ["--moe", "softmoe", "--experts", "4"]}
 
 
-def eval_at(run_dir: Path, steps: int) -> list[float] | None:
-    """Eval return of each seed at the iteration that ends at `steps` agent steps, or None if not reached."""
+def eval_at(run_dir: Path, steps: int, window: int = 1) -> list[float] | None:
+    """Eval return of each seed at the iteration that ends at `steps` agent steps (with window > 1: the mean over
+    that iteration and the window - 1 before it), or None if not reached."""
     with open(run_dir / "metrics.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["agent_steps"]) == steps]
-    return [float(r["eval_return"]) for r in sorted(rows, key=lambda r: int(r["seed"]))] or None
+        rows = [r for r in csv.DictReader(f) if int(r["agent_steps"]) <= steps]
+    ends = sorted({int(r["agent_steps"]) for r in rows})
+    if not ends or ends[-1] != steps:
+        return None
+    kept = set(ends[-window:])
+    by_seed: dict[int, list[float]] = {}
+    for r in rows:
+        if int(r["agent_steps"]) in kept:
+            by_seed.setdefault(int(r["seed"]), []).append(float(r["eval_return"]))
+    return [statistics.mean(by_seed[seed]) for seed in sorted(by_seed)]
 
 
 def last_steps(run_dir: Path) -> int:
@@ -58,14 +67,14 @@ def cell(values: list[float], env: str) -> str:
     return text
 
 
-def table_rows(run_dirs: list[Path], budgets: list[int]) -> list[str]:
-    """Markdown rows: game, layer, seeds, then one cell per budget."""
+def table_rows(run_dirs: list[Path], budgets: list[int], window: int = 1) -> list[str]:
+    """Markdown rows: game, layer, seeds, then one cell per budget (eval_at with `window`)."""
     rows = []
     for run_dir in run_dirs:
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
         cells = []
         for steps in budgets:
-            values = eval_at(run_dir, steps)
+            values = eval_at(run_dir, steps, window)
             cells.append(f"not reached (run ended at {last_steps(run_dir):,})" if values is None
                          else cell(values, config["env"]))
         rows.append(f"| {config['preset']} | {config['env']} | {layer_name(config)} | {config['seeds']} | "
@@ -115,18 +124,19 @@ def cmd_table(args: argparse.Namespace) -> int:
 
     budgets = [int(s) for s in args.at.split(",")]
     header = "| preset | env | layer | seeds | " + " | ".join(f"eval return at {b:,} steps" for b in budgets) + " |"
-    lines = [header, "|" + "---|" * (4 + len(budgets)), *table_rows(args.run_dirs, budgets)]
+    lines = [header, "|" + "---|" * (4 + len(budgets)), *table_rows(args.run_dirs, budgets, args.window)]
     print("\n".join(lines))
     if args.write:
         command = shlex.join(["python", "benchmarks/learning.py", *args.argv])
         configs = [yaml.safe_load((d / "config.yaml").read_text()) for d in args.run_dirs]
         layers = dict.fromkeys(layer_name(c) for c in configs)
+        window_text = f", averaged over the {args.window} iterations ending there" if args.window > 1 else ""
         evals = dict.fromkeys(f"{c['eval_episodes']} episodes, eps {c['agent']['eps_eval']}" for c in configs)
         text = (f"## Learning: eval return at fixed budgets, {' vs '.join(layers)}\n\nCommand: `{command}`  \n"
                 f"Trained on: {args.trained_on or trained_on(args.run_dirs)}  \n"
                 f"Date: {datetime.date.today().isoformat()}. Eval return of each seed at the end of the iteration "
-                f"that reaches the budget ({'; '.join(evals)}); mean ± sample standard deviation over seeds, "
-                "then each seed's value (Atari: then the human-normalized mean).\n\n" + "\n".join(lines) + "\n")
+                f"that reaches the budget{window_text} ({'; '.join(evals)}); mean ± sample standard deviation over "
+                "seeds, then each seed's value (Atari: then the human-normalized mean).\n\n" + "\n".join(lines) + "\n")
         write_section(args.write, text, args.section)
     return 0
 
@@ -144,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("run_dirs", type=Path, nargs="+", help="run directories, or directories holding them")
     table.add_argument("--at", default="1000000,5000000", help="comma list of agent-step budgets")
     table.add_argument("--write", type=Path, default=None)
+    table.add_argument("--window", type=int, default=1,
+                       help="average each seed's eval return over this many iterations ending at the budget")
     table.add_argument("--section", default="learning", help="name of the section --write replaces")
     table.add_argument("--trained-on", default=None, help="device the runs trained on, for runs without summary.json")
     args = parser.parse_args(argv)
@@ -155,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         args.run_dirs = expand_run_dirs(args.run_dirs)
         if not all(s.isdigit() and int(s) > 0 for s in args.at.split(",")):
             parser.error(f"--at={args.at!r}: must be a comma list of positive agent-step counts")
+        if args.window < 1:
+            parser.error(f"--window={args.window}: must be >= 1")
     return {"run": cmd_run, "table": cmd_table}[args.command](args)
 
 

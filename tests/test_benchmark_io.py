@@ -69,6 +69,8 @@ class TestLearningTable:
         run = self._run(tmp_path, "a", {100: [1.0, 2.0], 200: [3.0, 5.0]})
         assert learning.eval_at(run, 200) == [3.0, 5.0]  # seed order, whatever the file's order
         assert learning.eval_at(run, 150) is None and learning.last_steps(run) == 200
+        assert learning.eval_at(run, 200, window=2) == [2.0, 3.5]  # seed 0: (1 + 3) / 2, seed 1: (2 + 5) / 2
+        assert learning.eval_at(run, 100, window=3) == [1.0, 2.0]  # only one iteration up to 100 steps
         (row,) = learning.table_rows([run], [200, 300])
         # mean 4, sample sd sqrt(((3-4)^2 + (5-4)^2) / 1) = 1.414
         assert row == ("| minatar-dqn | Breakout-MinAtar | softmoe-4 | 2 | 4.0 ± 1.4 (3.0, 5.0) | "
