@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# pytest workers (pytest-xdist). One pytest process leaves the second core mostly idle (compilation, Python):
+# on the 2-core CI machine two workers ran the 870 tests in 7 min 31 s, one in 12 min 13 s (one run after the other).
+# Whole test files go to one worker (--dist loadfile) so module fixtures that train a run are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test bench lock
 
@@ -18,7 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)  # layer step times into BENCHMARKS.md
 	$(PY) benchmarks/layer_step.py --repeats 50 --write BENCHMARKS.md
