@@ -1,5 +1,6 @@
 """Agent steps per second of the compiled trainer next to the host-loop reference: minatar-dqn on
-Breakout-MinAtar, dense vs Soft MoE-4, 1 and 8 seeds in one program, both seed layouts.
+Breakout-MinAtar, dense vs Soft MoE-4, 1 and 8 seeds in one program, both seed layouts, 1 or more environments
+per seed (the replay ratio stays the preset's: with 4 environments, one update per acting step).
 
 Each compiled configuration is compiled, run past min_replay (so every timed round learns), then timed over
 --repeats iterations of --iteration-steps agent steps per seed; the table gives the median rate over all
@@ -31,17 +32,21 @@ from host_loop import host_loop_sps  # noqa: E402
 from layer_step import section_text, write_section  # noqa: E402
 
 ARCHS = {"dense": ["network.moe=dense"], "softmoe-4": ["network.moe=softmoe", "network.num_experts=4"]}
-RUNS = "1:auto,8:vmap,8:unroll"  # seeds:seed_layout, the CPU comparison; on a GPU: 1:auto,8:vmap,16:vmap
+# seeds:seed_layout[:envs per seed], the CPU comparison; on a GPU: 1:auto,8:vmap,16:vmap,16:vmap:4
+RUNS = "1:auto,8:vmap,8:unroll"
 
 
-def parse_runs(text: str) -> list[tuple[int, str]]:
-    """"1:auto,8:vmap" -> [(1, "auto"), (8, "vmap")]."""
+def parse_runs(text: str) -> list[tuple[int, str, int]]:
+    """"1:auto,16:vmap:4" -> [(1, "auto", 1), (16, "vmap", 4)]: seeds, seed layout, environments per seed."""
     runs = []
     for item in text.split(","):
-        seeds, _, layout = item.partition(":")
-        if not seeds.isdigit() or int(seeds) < 1 or layout not in ("auto", "vmap", "unroll"):
-            raise ValueError(f"--runs: {item!r} is not SEEDS:LAYOUT with SEEDS >= 1 and LAYOUT auto|vmap|unroll")
-        runs.append((int(seeds), layout))
+        parts = item.split(":")
+        seeds, layout, envs = (parts + ["1"])[:3] if len(parts) in (2, 3) else ("", "", "")
+        if (not seeds.isdigit() or int(seeds) < 1 or layout not in ("auto", "vmap", "unroll")
+                or not envs.isdigit() or int(envs) < 1):
+            raise ValueError(f"--runs: {item!r} is not SEEDS:LAYOUT[:ENVS] with SEEDS >= 1, LAYOUT "
+                             "auto|vmap|unroll and ENVS >= 1")
+        runs.append((int(seeds), layout, int(envs)))
     return runs
 
 
@@ -66,10 +71,10 @@ def warmed_trainer(arch: str, seeds: int, layout: str, iteration_steps: int, ste
     return run, states, step, trainer, compile_s
 
 
-def compiled_sps(arch: str, seeds: int, layout: str, iteration_steps: int, repeats: int) -> dict:
+def compiled_sps(arch: str, seeds: int, layout: str, envs: int, iteration_steps: int, repeats: int) -> dict:
     """Compile time and median agent steps/s (all seeds) of one compiled configuration."""
     run, states, step, trainer, compile_s = warmed_trainer(arch, seeds, layout, iteration_steps,
-                                                           iteration_steps * (repeats + 1))
+                                                           iteration_steps * (repeats + 1), (f"num_envs={envs}",))
     rates = []
     for _ in range(repeats):
         jax.block_until_ready(states)
@@ -78,7 +83,7 @@ def compiled_sps(arch: str, seeds: int, layout: str, iteration_steps: int, repea
         jax.block_until_ready(metrics)
         rates.append(iteration_steps * seeds / (time.perf_counter() - t0))
         step += iteration_steps
-    return {"loop": f"compiled, {trainer.layout.name}", "arch": arch, "seeds": seeds,
+    return {"loop": f"compiled, {trainer.layout.name}", "arch": arch, "seeds": seeds, "envs": envs,
             "sps": statistics.median(rates), "compile_s": compile_s}
 
 
@@ -100,20 +105,21 @@ def main(argv: list[str] | None = None) -> int:
         runs = parse_runs(args.runs)
     except ValueError as err:
         parser.error(str(err))
-    lines = ["| layer | loop | seeds | agent steps/s (all seeds, median) | vs host loop | update-bound ceiling "
-             "| compile s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| layer | loop | seeds | envs per seed | agent steps/s (all seeds, median) | vs host loop "
+             "| update-bound ceiling | compile s |", "|---|---|---|---|---|---|---|---|"]
     for arch in ARCHS:
         config = apply_overrides(get_preset("minatar-dqn"), ARCHS[arch])
         host = host_loop_sps(config, args.iteration_steps * args.repeats)
         ceiling = config.agent.update_period / (update_ms(arch) / 1e3)
-        rows = [{"loop": "host loop (reference)", "arch": arch, "seeds": 1, "sps": host, "compile_s": None}]
-        rows += [compiled_sps(arch, s, layout, args.iteration_steps, args.repeats) for s, layout in runs]
+        rows = [{"loop": "host loop (reference)", "arch": arch, "seeds": 1, "envs": 1, "sps": host,
+                 "compile_s": None}]
+        rows += [compiled_sps(arch, s, layout, envs, args.iteration_steps, args.repeats) for s, layout, envs in runs]
         for r in rows:
             compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
-            lines.append(f"| {arch} | {r['loop']} | {r['seeds']} | {r['sps']:,.0f} | {r['sps'] / host:.2f}x | "
-                         f"{ceiling:,.0f} | {compile_s} |")
+            lines.append(f"| {arch} | {r['loop']} | {r['seeds']} | {r['envs']} | {r['sps']:,.0f} | "
+                         f"{r['sps'] / host:.2f}x | {ceiling:,.0f} | {compile_s} |")
             print(lines[-1], flush=True)
-    title = "Compiled trainer throughput vs a host loop (minatar-dqn, Breakout-MinAtar, 1 env per seed)"
+    title = "Compiled trainer throughput vs a host loop (minatar-dqn, Breakout-MinAtar)"
     if jax.default_backend() != "cpu":
         title += f", {jax.default_backend().upper()}"
     text = section_text(title, "throughput.py", argv,

@@ -94,8 +94,9 @@ class TestLearningTable:
 
 def test_throughput_runs_parse_and_reject():
     throughput = _load("throughput")
-    assert throughput.parse_runs("1:auto,16:vmap") == [(1, "auto"), (16, "vmap")]
-    for bad in ("0:vmap", "8:pmap", "x:auto", "8"):
+    assert throughput.parse_runs("1:auto,16:vmap") == [(1, "auto", 1), (16, "vmap", 1)]
+    assert throughput.parse_runs("16:vmap:4,2:unroll:1") == [(16, "vmap", 4), (2, "unroll", 1)]
+    for bad in ("0:vmap", "8:pmap", "x:auto", "8", "8:vmap:0", "8:vmap:x", "8:vmap:4:2", "8:vmap:"):
         try:
             throughput.parse_runs(bad)
         except ValueError as err:
