@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be >= 1 and --iteration-steps a positive multiple of 4")
     try:
         runs = parse_runs(args.runs)
+        for _, _, envs in runs:  # a bad environment count fails here, before any timing
+            apply_overrides(get_preset("minatar-dqn"), [f"num_envs={envs}", f"iteration_steps={args.iteration_steps}"])
     except ValueError as err:
         parser.error(str(err))
     lines = ["| layer | loop | seeds | envs per seed | agent steps/s (all seeds, median) | vs host loop "
