@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-# pytest workers (pytest-xdist). One pytest process leaves the second core mostly idle (compilation, Python):
-# on the 2-core CI machine two workers ran the 870 tests in 7 min 31 s, one in 12 min 13 s (one run after the other).
+# pytest workers (pytest-xdist). On the 2-core CI machine two workers ran the 870 tests in 7 min 31 s (1.8 cores
+# busy on average: 13 min 49 s of CPU time), one process in 12 min 13 s (one run after the other).
 # Whole test files go to one worker (--dist loadfile) so module fixtures that train a run are built once.
 TEST_WORKERS ?= 2
 
