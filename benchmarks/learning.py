@@ -82,20 +82,30 @@ def table_rows(run_dirs: list[Path], budgets: list[int], window: int = 1) -> lis
     return rows
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from moescale.cli import main as moescale
-
+def run_argvs(args: argparse.Namespace) -> list[list[str]]:
+    """`moescale train` argument lists, one per (preset, game, layer) in run order; a run directory that holds a
+    run already is resumed (with its own stored config)."""
+    argvs = []
     for preset in args.presets.split(","):
         for game in args.games.split(","):
             for layer, flags in LAYERS.items():
                 out = args.out / f"{preset}-{game}-{layer}"
-                argv = ["train", "--preset", preset, "--env", f"{game}-MinAtar", *flags, "--seeds",
-                        str(args.seeds), "--steps", str(args.steps), "--out", str(out)]
                 if (out / "config.yaml").exists():
-                    argv = ["train", "--resume", str(out)]
-                code = moescale(argv)
-                if code:
-                    return code
+                    argvs.append(["train", "--resume", str(out)])
+                    continue
+                sets = [a for kv in args.set for a in ("--set", kv)]
+                argvs.append(["train", "--preset", preset, "--env", f"{game}-MinAtar", *flags, "--seeds",
+                              str(args.seeds), "--steps", str(args.steps), *sets, "--out", str(out)])
+    return argvs
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from moescale.cli import main as moescale
+
+    for argv in run_argvs(args):
+        code = moescale(argv)
+        if code:
+            return code
     return 0
 
 
@@ -150,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--games", default=",".join(GAMES), help="comma list of MinAtar games")
     run.add_argument("--steps", type=int, default=5_000_000)
     run.add_argument("--seeds", type=int, default=3)
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override passed to every new run, e.g. --set iteration_steps=25000")
     table = sub.add_parser("table", help="eval return at fixed budgets from run directories")
     table.add_argument("run_dirs", type=Path, nargs="+", help="run directories, or directories holding them")
     table.add_argument("--at", default="1000000,5000000", help="comma list of agent-step budgets")
