@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.seeds, args.iterations, args.top) < 1 or args.iteration_steps < 4 or args.iteration_steps % 4:
         parser.error("--seeds, --iterations and --top must be >= 1, --iteration-steps a positive multiple of 4")
     run, states, step, trainer, compile_s = warmed_trainer(
-        args.arch, args.seeds, args.layout, args.iteration_steps, args.iteration_steps * (args.iterations + 1),
-        tuple(args.sets))
+        args.arch, args.seeds, args.layout, args.iteration_steps, args.iterations, tuple(args.sets))
     if args.hlo:
         args.hlo.write_text(run.as_text())
     jax.block_until_ready(states)

@@ -7,7 +7,8 @@ Each compiled configuration is compiled, run past min_replay (so every timed rou
 seeds together, compilation excluded. The host loop (benchmarks/host_loop.py: numpy MinAtar, jitted act and
 update, one seed) is timed over the same number of learning steps. "update-bound ceiling" is what any loop
 could reach if acting, stepping and storing were free: update_period / (time of one jitted update, batch 32),
-for all seeds together, since S seeds need S times the updates.
+for all seeds together, since S seeds need S times the updates. `--conv lax,matmul` times every compiled run
+with each encoder convolution (network.conv: lax's convolution, or a matmul over patches) side by side.
 
     python benchmarks/throughput.py --repeats 3 --write BENCHMARKS.md
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from moescale.config import CONV_IMPLS
 from moescale.presets import apply_overrides, get_preset
 from moescale.study.runner import update_seconds
 from moescale.train.anakin import make_trainer, seed_keys
@@ -50,14 +52,17 @@ def parse_runs(text: str) -> list[tuple[int, str, int]]:
     return runs
 
 
-def warmed_trainer(arch: str, seeds: int, layout: str, iteration_steps: int, steps: int,
+def warmed_trainer(arch: str, seeds: int, layout: str, iteration_steps: int, timed: int,
                    sets: tuple[str, ...] = ()) -> tuple:
-    """A compiled minatar-dqn iterate run past min_replay: (run, states, step, trainer, compile seconds).
+    """A compiled minatar-dqn iterate run past min_replay, with room for `timed` more iterations:
+    (run, states, step, trainer, compile seconds).
 
     sets: further `key=value` overrides (e.g. num_envs=4), applied last.
     """
+    warm_up = -(-get_preset("minatar-dqn").agent.min_replay // iteration_steps)  # iterations to reach min_replay
     overrides = ARCHS[arch] + [f"seeds={seeds}", f"seed_layout={layout}", f"iteration_steps={iteration_steps}",
-                               "eval_episodes=1", "eval_max_steps=1", f"steps={steps}", *sets]
+                               "eval_episodes=1", "eval_max_steps=1", f"steps={iteration_steps * (warm_up + timed)}",
+                               *sets]
     config = apply_overrides(get_preset("minatar-dqn"), overrides)
     trainer = make_trainer(config)
     states = trainer.init(seed_keys(config))
@@ -71,10 +76,11 @@ def warmed_trainer(arch: str, seeds: int, layout: str, iteration_steps: int, ste
     return run, states, step, trainer, compile_s
 
 
-def compiled_sps(arch: str, seeds: int, layout: str, envs: int, iteration_steps: int, repeats: int) -> dict:
+def compiled_sps(arch: str, seeds: int, layout: str, envs: int, iteration_steps: int, repeats: int,
+                 conv: str = "lax") -> dict:
     """Compile time and median agent steps/s (all seeds) of one compiled configuration."""
-    run, states, step, trainer, compile_s = warmed_trainer(arch, seeds, layout, iteration_steps,
-                                                           iteration_steps * (repeats + 1), (f"num_envs={envs}",))
+    run, states, step, trainer, compile_s = warmed_trainer(arch, seeds, layout, iteration_steps, repeats,
+                                                           (f"num_envs={envs}", f"network.conv={conv}"))
     rates = []
     for _ in range(repeats):
         jax.block_until_ready(states)
@@ -83,13 +89,23 @@ def compiled_sps(arch: str, seeds: int, layout: str, envs: int, iteration_steps:
         jax.block_until_ready(metrics)
         rates.append(iteration_steps * seeds / (time.perf_counter() - t0))
         step += iteration_steps
-    return {"loop": f"compiled, {trainer.layout.name}", "arch": arch, "seeds": seeds, "envs": envs,
+    return {"loop": f"compiled, {trainer.layout.name}", "arch": arch, "seeds": seeds, "envs": envs, "conv": conv,
             "sps": statistics.median(rates), "compile_s": compile_s}
 
 
-def update_ms(arch: str, repeats: int = 50) -> float:
+def update_ms(arch: str, repeats: int = 50, conv: str = "lax") -> float:
     """Median time of one jitted DQN update (batch 32) of the arch, in ms."""
-    return 1e3 * update_seconds(apply_overrides(get_preset("minatar-dqn"), ARCHS[arch]), repeats)
+    config = apply_overrides(get_preset("minatar-dqn"), [*ARCHS[arch], f"network.conv={conv}"])
+    return 1e3 * update_seconds(config, repeats)
+
+
+def parse_convs(text: str) -> list[str]:
+    """"lax,matmul" -> ["lax", "matmul"]: the encoder convolutions to compare (network.conv)."""
+    convs = text.split(",")
+    bad = [c for c in convs if c not in CONV_IMPLS]
+    if bad or len(set(convs)) != len(convs):
+        raise ValueError(f"--conv: {text!r} must be a comma list of distinct names from {', '.join(CONV_IMPLS)}")
+    return convs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,29 +113,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--iteration-steps", type=int, default=2000, help="agent steps per seed per timing")
     parser.add_argument("--runs", default=RUNS, help=f"compiled runs as SEEDS:LAYOUT,... (default {RUNS})")
+    parser.add_argument("--conv", default="lax",
+                        help="comma list of encoder convolutions to compare side by side: lax, matmul")
     parser.add_argument("--write", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.iteration_steps < 4 or args.iteration_steps % 4:
         parser.error("--repeats must be >= 1 and --iteration-steps a positive multiple of 4")
     try:
         runs = parse_runs(args.runs)
+        convs = parse_convs(args.conv)
         for _, _, envs in runs:  # a bad environment count fails here, before any timing
             apply_overrides(get_preset("minatar-dqn"), [f"num_envs={envs}", f"iteration_steps={args.iteration_steps}"])
     except ValueError as err:
         parser.error(str(err))
-    lines = ["| layer | loop | seeds | envs per seed | agent steps/s (all seeds, median) | vs host loop "
-             "| update-bound ceiling | compile s |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| layer | conv | loop | seeds | envs per seed | agent steps/s (all seeds, median) | vs host loop "
+             "| update-bound ceiling | compile s |", "|---|---|---|---|---|---|---|---|---|"]
     for arch in ARCHS:
         config = apply_overrides(get_preset("minatar-dqn"), ARCHS[arch])
-        host = host_loop_sps(config, args.iteration_steps * args.repeats)
-        ceiling = config.agent.update_period / (update_ms(arch) / 1e3)
-        rows = [{"loop": "host loop (reference)", "arch": arch, "seeds": 1, "envs": 1, "sps": host,
+        host = host_loop_sps(config, args.iteration_steps * args.repeats)  # the usual way: lax's convolution
+        ceilings = {conv: config.agent.update_period / (update_ms(arch, conv=conv) / 1e3)
+                    for conv in dict.fromkeys(["lax", *convs])}
+        rows = [{"loop": "host loop (reference)", "arch": arch, "seeds": 1, "envs": 1, "conv": "lax", "sps": host,
                  "compile_s": None}]
-        rows += [compiled_sps(arch, s, layout, envs, args.iteration_steps, args.repeats) for s, layout, envs in runs]
+        rows += [compiled_sps(arch, s, layout, envs, args.iteration_steps, args.repeats, conv)
+                 for s, layout, envs in runs for conv in convs]
         for r in rows:
             compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
-            lines.append(f"| {arch} | {r['loop']} | {r['seeds']} | {r['envs']} | {r['sps']:,.0f} | "
-                         f"{r['sps'] / host:.2f}x | {ceiling:,.0f} | {compile_s} |")
+            lines.append(f"| {arch} | {r['conv']} | {r['loop']} | {r['seeds']} | {r['envs']} | {r['sps']:,.0f} | "
+                         f"{r['sps'] / host:.2f}x | {ceilings[r['conv']]:,.0f} | {compile_s} |")
             print(lines[-1], flush=True)
     title = "Compiled trainer throughput vs a host loop (minatar-dqn, Breakout-MinAtar)"
     if jax.default_backend() != "cpu":

@@ -15,6 +15,7 @@ from moescale import checks
 
 MOE_TYPES = ("dense", "softmoe", "topk", "expert_choice")
 ENCODER_NAMES = ("nature", "impala", "minatar", "mlp")
+CONV_IMPLS = ("lax", "matmul")  # how the encoders compute convolutions (moescale.networks.encoders)
 HEAD_TYPES = ("q", "c51")
 DTYPES = ("float32", "bfloat16")
 TOKENIZER_NAMES = ("per_conv", "per_feature", "per_sample", "per_patch")
@@ -34,6 +35,7 @@ class NetworkConfig:
 
     encoder: str = "impala"
     encoder_widths: tuple[int, ...] | None = None  # None: the encoder's published widths
+    conv: str = "lax"  # convolutions: lax's, or "matmul" over extracted patches (faster under vmap over seeds)
     moe: str = "softmoe"
     num_experts: int = 1
     hidden: int = 512  # expert hidden width, or the dense layer's width before width_multiplier
@@ -64,6 +66,7 @@ class NetworkConfig:
             if not isinstance(self.encoder_widths, tuple) or not self.encoder_widths or any(
                     isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.encoder_widths):
                 checks.fail("encoder_widths", self.encoder_widths, "must be None or a tuple of positive ints")
+        checks.choice("conv", self.conv, CONV_IMPLS)
         checks.choice("moe", self.moe, MOE_TYPES)
         checks.positive_int("num_experts", self.num_experts)
         checks.positive_int("hidden", self.hidden)

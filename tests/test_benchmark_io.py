@@ -110,6 +110,15 @@ class TestLearningTable:
         assert argvs[3][5:9] == ["--moe", "softmoe", "--experts", "4"]
 
 
+def test_throughput_convs_parse_and_reject():
+    throughput = _load("throughput")
+    assert throughput.parse_convs("lax") == ["lax"]
+    assert throughput.parse_convs("matmul,lax") == ["matmul", "lax"]
+    for bad in ("fft", "lax,lax", "lax,", ""):
+        with pytest.raises(ValueError, match="--conv"):
+            throughput.parse_convs(bad)
+
+
 def test_throughput_runs_parse_and_reject():
     throughput = _load("throughput")
     assert throughput.parse_runs("1:auto,16:vmap") == [(1, "auto", 1), (16, "vmap", 1)]

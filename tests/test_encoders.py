@@ -13,6 +13,8 @@ from moescale.networks.encoders import (
     MinAtarCNN,
     MLPEncoder,
     NatureCNN,
+    PatchConv,
+    extract_patches,
     make_encoder,
     preprocess,
 )
@@ -200,3 +202,76 @@ class TestMakeEncoder:
     def test_unknown_name(self):
         with pytest.raises(ValueError, match=r"encoder='resnet'.*impala.*minatar.*mlp.*nature"):
             make_encoder("resnet")
+
+
+def _brute_conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, stride: int, pads) -> np.ndarray:
+    """Direct convolution by loops: out[n, y, x, f] = b[f] + sum_{i, j, c} xp[n, y*s + i, x*s + j, c] k[i, j, c, f]."""
+    (lo_h, hi_h), (lo_w, hi_w) = pads
+    xp = np.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
+    k = kernel.shape[0]
+    h, w = (xp.shape[1] - k) // stride + 1, (xp.shape[2] - k) // stride + 1
+    out = np.zeros((x.shape[0], h, w, kernel.shape[-1]))
+    for yy in range(h):
+        for xx in range(w):
+            window = xp[:, yy * stride:yy * stride + k, xx * stride:xx * stride + k, :]  # (N, k, k, C)
+            out[:, yy, xx, :] = np.einsum("nijc,ijcf->nf", window, kernel) + bias
+    return out
+
+
+class TestPatchConv:
+    def test_patches_hand_case(self):
+        # 3x3 image 1..9, one channel, 2x2 windows, stride 1, VALID: windows in (row, col) order.
+        x = jnp.arange(1.0, 10.0).reshape(1, 3, 3, 1)
+        patches = extract_patches(x, 2, 1, "VALID")
+        assert patches.shape == (1, 2, 2, 4)
+        np.testing.assert_array_equal(patches[0, 0, 0], [1, 2, 4, 5])
+        np.testing.assert_array_equal(patches[0, 1, 1], [5, 6, 8, 9])
+        # SAME with stride 2 on 3x3 and a 2x2 kernel: output ceil(3/2) = 2, total pad (2-1)*2 + 2 - 3 = 1, all
+        # of it after (lax puts pad_total // 2 = 0 before), so the last window is [9, 0, 0, 0].
+        same = extract_patches(x, 2, 2, "SAME")
+        assert same.shape == (1, 2, 2, 4)
+        np.testing.assert_array_equal(same[0, 0, 0], [1, 2, 4, 5])
+        np.testing.assert_array_equal(same[0, 1, 1], [9, 0, 0, 0])
+
+    @pytest.mark.parametrize("kernel,stride,padding,size", [(3, 1, "SAME", 10), (8, 4, "VALID", 20),
+                                                            (4, 2, "VALID", 9), (3, 2, "SAME", 7)])
+    def test_matches_brute_force_and_lax(self, kernel, stride, padding, size):
+        x = RNG.normal(size=(2, size, size, 3)).astype(np.float32)
+        patch = PatchConv(5, kernel, stride, padding)
+        params = patch.init(KEY, x)
+        k, b = np.asarray(params["params"]["kernel"]), np.asarray(params["params"]["bias"]) + 0.5
+        params = {"params": {"kernel": k, "bias": b}}
+        pads = jax.lax.padtype_to_pads((size, size), (kernel, kernel), (stride, stride), padding)
+        expected = _brute_conv(x.astype(np.float64), k.astype(np.float64), b, stride, pads)
+        np.testing.assert_allclose(patch.apply(params, x), expected, rtol=1e-5, atol=1e-5)
+
+    @pytest.mark.parametrize("name", ["nature", "impala", "minatar"])
+    def test_encoders_same_params_outputs_and_grads(self, name, variables):
+        enc, obs, _ = CASES[name]
+        matmul = type(enc)(conv="matmul")
+        params = jax.jit(matmul.init)(KEY, jnp.zeros(obs))
+        # Same parameter names, shapes and initial values: checkpoints and analysis see no difference.
+        assert jax.tree.structure(params) == jax.tree.structure(variables[name])
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(variables[name]), strict=True):
+            np.testing.assert_array_equal(a, b)
+        x = jnp.asarray(RNG.uniform(size=(3, *obs)).astype(np.float32))
+        np.testing.assert_allclose(jax.jit(matmul.apply)(params, x), jax.jit(enc.apply)(params, x),
+                                   rtol=1e-4, atol=1e-4)
+
+        def loss(module):
+            return jax.jit(jax.grad(lambda p: jnp.sum(module.apply(p, x) ** 2)))
+
+        for a, b in zip(jax.tree.leaves(loss(matmul)(params)), jax.tree.leaves(loss(enc)(params)), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(b))))
+
+    def test_vmapped_over_parameter_sets(self, variables):
+        enc, obs, _ = CASES["minatar"]
+        matmul = MinAtarCNN(conv="matmul")
+        stacked = jax.vmap(enc.init)(jax.random.split(KEY, 3), jnp.zeros((3, *obs)))
+        x = jnp.asarray(RNG.uniform(size=(3, 4, *obs)).astype(np.float32))
+        got, expected = jax.jit(jax.vmap(matmul.apply))(stacked, x), jax.jit(jax.vmap(enc.apply))(stacked, x)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+    def test_unknown_impl(self):
+        with pytest.raises(ValueError, match="conv"):
+            MinAtarCNN(conv="fft").init(KEY, jnp.zeros((10, 10, 4)))

@@ -131,7 +131,7 @@ class TestBadInput:
         ("num_experts", 0), ("num_experts", -2), ("slots_per_expert", 0), ("k", 0), ("hidden", 0),
         ("width_multiplier", 0), ("capacity_factor", 0.0), ("capacity_factor", -1.0), ("tokenizer", "pixels"),
         ("aggregation", "max"), ("encoder", "resnet"), ("moe", "hard"), ("dtype", "float16"),
-        ("patch_size", 0), ("router_noise", -0.1), ("aux_loss", "l2"), ("num_experts", 2.0),
+        ("patch_size", 0), ("router_noise", -0.1), ("aux_loss", "l2"), ("num_experts", 2.0), ("conv", "fft"),
     ])
     def test_field_errors(self, field, value):
         kw = {"moe": "topk", "num_experts": 2, field: value}

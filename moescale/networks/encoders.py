@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from moescale import checks
+from moescale.config import CONV_IMPLS
 from moescale.layers.dense import xavier_dense
 from moescale.layers.probes import sow_activation
 
@@ -39,7 +40,49 @@ def preprocess(x: jax.Array, dtype: Dtype) -> jax.Array:
     return x.astype(dtype)
 
 
-def _conv(features: int, kernel: int, stride: int, padding: str, dtype: Dtype, name: str) -> nn.Conv:
+class PatchConv(nn.Module):
+    """2-D convolution as one matmul over extracted patches (im2col), a drop-in for the nn.Conv of `_conv`: the
+    same parameters (kernel (k, k, C, F), bias (F,)), initializers, padding rule and output.
+
+    Why: vmapped over seeds (one parameter set each), lax's convolution becomes a grouped convolution
+    (feature_group_count = seeds, and batch_group_count for the kernel's gradient), which XLA runs slowly for
+    the small convolutions of these encoders; a matmul over patches vmaps into a batched matmul.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int
+    padding: str  # "SAME" or "VALID", as in lax
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(N, H, W, C) -> (N, h, w, features)."""
+        k, c = self.kernel_size, x.shape[-1]
+        kernel = self.param("kernel", _KERNEL_INIT, (k, k, c, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        patches = extract_patches(x.astype(self.dtype), k, self.stride, self.padding)  # (N, h, w, k*k*C)
+        return patches @ kernel.reshape(k * k * c, self.features).astype(self.dtype) + bias.astype(self.dtype)
+
+
+def extract_patches(x: jax.Array, kernel: int, stride: int, padding: str) -> jax.Array:
+    """(N, H, W, C) -> (N, h, w, kernel * kernel * C): at each output position the input window, ordered
+    (row offset, column offset, channel) like a (k, k, C, F) kernel flattened to (k * k * C, F); padding and
+    output size follow lax ("SAME": h = ceil(H / stride); "VALID": h = (H - kernel) // stride + 1)."""
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], (kernel, kernel), (stride, stride), padding)
+    x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    h = (x.shape[1] - kernel) // stride + 1
+    w = (x.shape[2] - kernel) // stride + 1
+    windows = [x[:, i:i + (h - 1) * stride + 1:stride, j:j + (w - 1) * stride + 1:stride, :]
+               for i in range(kernel) for j in range(kernel)]
+    return jnp.concatenate(windows, axis=-1)
+
+
+def _conv(features: int, kernel: int, stride: int, padding: str, dtype: Dtype, name: str,
+          impl: str = "lax") -> nn.Module:
+    checks.choice("conv", impl, CONV_IMPLS)
+    if impl == "matmul":
+        return PatchConv(features, kernel, stride, padding, dtype, name=name)
     return nn.Conv(
         features,
         (kernel, kernel),
@@ -65,6 +108,7 @@ class NatureCNN(nn.Module):
     """Nature DQN torso (Mnih et al. 2015): (B..., 84, 84, 4) -> (B..., 7, 7, 64)."""
 
     dtype: Dtype = jnp.float32
+    conv: str = "lax"  # CONV_IMPLS: "matmul" computes each convolution as a matmul over patches (PatchConv)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -73,7 +117,7 @@ class NatureCNN(nn.Module):
         x = preprocess(x, self.dtype)
         # (features, kernel, stride) from Mnih et al. 2015, "Methods: model architecture".
         for i, (features, kernel, stride) in enumerate(((32, 8, 4), (64, 4, 2), (64, 3, 1))):
-            x = nn.relu(_conv(features, kernel, stride, "VALID", self.dtype, f"conv_{i}")(x))
+            x = nn.relu(_conv(features, kernel, stride, "VALID", self.dtype, f"conv_{i}", self.conv)(x))
             sow_activation(self, f"conv_{i}", x)
         return x.reshape((*lead, *x.shape[1:]))
 
@@ -83,13 +127,14 @@ class _ImpalaResidualBlock(nn.Module):
 
     channels: int
     dtype: Dtype = jnp.float32
+    conv: str = "lax"  # CONV_IMPLS: "matmul" computes each convolution as a matmul over patches (PatchConv)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         y = nn.relu(x)
-        y = _conv(self.channels, 3, 1, "SAME", self.dtype, "conv_0")(y)
+        y = _conv(self.channels, 3, 1, "SAME", self.dtype, "conv_0", self.conv)(y)
         y = nn.relu(y)
-        y = _conv(self.channels, 3, 1, "SAME", self.dtype, "conv_1")(y)
+        y = _conv(self.channels, 3, 1, "SAME", self.dtype, "conv_1", self.conv)(y)
         return x + y
 
 
@@ -98,6 +143,7 @@ class ImpalaCNN(nn.Module):
 
     channels: Sequence[int] = (16, 32, 32)
     dtype: Dtype = jnp.float32
+    conv: str = "lax"  # CONV_IMPLS: "matmul" computes each convolution as a matmul over patches (PatchConv)
 
     def __post_init__(self) -> None:
         checks.positive_ints("channels", self.channels)
@@ -109,10 +155,10 @@ class ImpalaCNN(nn.Module):
         x, lead = _flatten_batch(x, "ImpalaCNN")
         x = preprocess(x, self.dtype)
         for i, ch in enumerate(self.channels):
-            x = _conv(ch, 3, 1, "SAME", self.dtype, f"stack_{i}_conv")(x)
+            x = _conv(ch, 3, 1, "SAME", self.dtype, f"stack_{i}_conv", self.conv)(x)
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
             for j in range(2):
-                x = _ImpalaResidualBlock(ch, self.dtype, name=f"stack_{i}_res_{j}")(x)
+                x = _ImpalaResidualBlock(ch, self.dtype, self.conv, name=f"stack_{i}_res_{j}")(x)
         # The residual stream is never rectified inside the stacks, hence the final ReLU.
         x = nn.relu(x)
         sow_activation(self, "out", x)
@@ -124,6 +170,7 @@ class MinAtarCNN(nn.Module):
 
     features: int = 16
     dtype: Dtype = jnp.float32
+    conv: str = "lax"  # CONV_IMPLS: "matmul" computes each convolution as a matmul over patches (PatchConv)
 
     def __post_init__(self) -> None:
         checks.positive_int("features", self.features)
@@ -134,7 +181,7 @@ class MinAtarCNN(nn.Module):
         """(B..., H, W, C) -> (B..., H, W, features); SAME padding (Flax) keeps the 10x10 grid."""
         x, lead = _flatten_batch(x, "MinAtarCNN")
         x = preprocess(x, self.dtype)
-        x = nn.relu(_conv(self.features, 3, 1, "SAME", self.dtype, "conv_0")(x))
+        x = nn.relu(_conv(self.features, 3, 1, "SAME", self.dtype, "conv_0", self.conv)(x))
         sow_activation(self, "conv_0", x)
         return x.reshape((*lead, *x.shape[1:]))
 

@@ -42,6 +42,8 @@ def _dtype(config: NetworkConfig) -> Any:
 def encoder_kwargs(config: NetworkConfig) -> dict[str, Any]:
     """Keyword arguments of the configured encoder (its widths, when overridden)."""
     kwargs: dict[str, Any] = {"dtype": _dtype(config)}
+    if config.encoder != "mlp":
+        kwargs["conv"] = config.conv
     widths = config.encoder_widths
     if widths is not None:
         kwargs[{"impala": "channels", "mlp": "hidden", "minatar": "features"}[config.encoder]] = (
