@@ -92,13 +92,17 @@ class TestLearningTable:
         assert learning.expand_run_dirs([a]) == [a]
         assert learning.trained_on([a]) == "unrecorded"
 
-    def test_run_passes_overrides_to_new_runs_and_resumes_existing_ones(self, tmp_path):
+    def test_run_passes_overrides_to_new_runs_and_resumes_checkpointed_ones(self, tmp_path):
         learning = _load("learning")
         args = argparse.Namespace(
             out=tmp_path, presets="minatar-dqn,minatar-rainbow", games="Breakout", steps=250000, seeds=3,
             set=["iteration_steps=25000", "checkpoint_every=1"])
-        (tmp_path / "minatar-dqn-Breakout-softmoe-4").mkdir()
-        (tmp_path / "minatar-dqn-Breakout-softmoe-4" / "config.yaml").write_text("preset: minatar-dqn\n")
+        # softmoe-4 of DQN has a complete checkpoint (resumed); dense of Rainbow was stopped before its first
+        # one (started again with --force) and has an unfinished checkpoint, which does not count.
+        (tmp_path / "minatar-dqn-Breakout-softmoe-4" / "checkpoints" / "ckpt_00000001").mkdir(parents=True)
+        (tmp_path / "minatar-dqn-Breakout-softmoe-4" / "checkpoints" / "ckpt_00000001" / "COMPLETE").touch()
+        (tmp_path / "minatar-rainbow-Breakout-dense" / "checkpoints" / ".tmp_ckpt_00000001").mkdir(parents=True)
+        (tmp_path / "minatar-rainbow-Breakout-dense" / "config.yaml").write_text("preset: minatar-rainbow\n")
         argvs = learning.run_argvs(args)
         assert [a[a.index("--out") + 1] if "--out" in a else a[-1] for a in argvs] == [
             str(tmp_path / n) for n in ("minatar-dqn-Breakout-dense", "minatar-dqn-Breakout-softmoe-4",
@@ -106,8 +110,9 @@ class TestLearningTable:
         assert argvs[1] == ["train", "--resume", str(tmp_path / "minatar-dqn-Breakout-softmoe-4")]
         assert argvs[2] == ["train", "--preset", "minatar-rainbow", "--env", "Breakout-MinAtar", "--moe", "dense",
                             "--seeds", "3", "--steps", "250000", "--set", "iteration_steps=25000", "--set",
-                            "checkpoint_every=1", "--out", str(tmp_path / "minatar-rainbow-Breakout-dense")]
-        assert argvs[3][5:9] == ["--moe", "softmoe", "--experts", "4"]
+                            "checkpoint_every=1", "--out", str(tmp_path / "minatar-rainbow-Breakout-dense"),
+                            "--force"]
+        assert argvs[3][5:9] == ["--moe", "softmoe", "--experts", "4"] and argvs[3][-1] != "--force"
 
 
 def test_throughput_convs_parse_and_reject():
