@@ -5,10 +5,12 @@ per seed (the replay ratio stays the preset's: with 4 environments, one update p
 Each compiled configuration is compiled, run past min_replay (so every timed round learns), then timed over
 --repeats iterations of --iteration-steps agent steps per seed; the table gives the median rate over all
 seeds together, compilation excluded. The host loop (benchmarks/host_loop.py: numpy MinAtar, jitted act and
-update, one seed) is timed over the same number of learning steps. "update-bound ceiling" is what any loop
-could reach if acting, stepping and storing were free: update_period / (time of one jitted update, batch 32),
-for all seeds together, since S seeds need S times the updates. `--conv lax,matmul` times every compiled run
-with each encoder convolution (network.conv: lax's convolution, or a matmul over patches) side by side.
+update, one seed) is timed over the same number of learning steps. "standalone-update rate" is update_period /
+(median time of one jitted update call, batch 32), for all seeds together, since S seeds need S times the
+updates: what a loop would reach if acting, stepping and storing were free and an update cost what a standalone
+call does. It is no strict bound: a call allocates new state buffers, where the compiled loop updates them in
+place. `--conv lax,matmul` times every compiled run with each encoder convolution (network.conv: lax's
+convolution, or a matmul over patches) side by side: their programs, and their updates, are timed in turns.
 
     python benchmarks/throughput.py --repeats 3 --write BENCHMARKS.md
 """
@@ -77,26 +79,36 @@ def warmed_trainer(arch: str, seeds: int, layout: str, iteration_steps: int, tim
 
 
 def compiled_sps(arch: str, seeds: int, layout: str, envs: int, iteration_steps: int, repeats: int,
-                 conv: str = "lax") -> dict:
-    """Compile time and median agent steps/s (all seeds) of one compiled configuration."""
-    run, states, step, trainer, compile_s = warmed_trainer(arch, seeds, layout, iteration_steps, repeats,
-                                                           (f"num_envs={envs}", f"network.conv={conv}"))
-    rates = []
+                 convs: list[str]) -> list[dict]:
+    """Compile time and median agent steps/s (all seeds) of one compiled configuration per encoder convolution.
+    The convolutions' programs take turns, one timed iteration each per round, so a slow spell of the machine
+    hits all alike."""
+    warmed = {conv: list(warmed_trainer(arch, seeds, layout, iteration_steps, repeats,
+                                        (f"num_envs={envs}", f"network.conv={conv}"))) for conv in convs}
+    rates: dict[str, list[float]] = {conv: [] for conv in convs}
     for _ in range(repeats):
-        jax.block_until_ready(states)
-        t0 = time.perf_counter()
-        states, metrics = run(states, jnp.int32(step))
-        jax.block_until_ready(metrics)
-        rates.append(iteration_steps * seeds / (time.perf_counter() - t0))
-        step += iteration_steps
-    return {"loop": f"compiled, {trainer.layout.name}", "arch": arch, "seeds": seeds, "envs": envs, "conv": conv,
-            "sps": statistics.median(rates), "compile_s": compile_s}
+        for conv, w in warmed.items():
+            run, states, step = w[:3]
+            jax.block_until_ready(states)
+            t0 = time.perf_counter()
+            states, metrics = run(states, jnp.int32(step))
+            jax.block_until_ready(metrics)
+            rates[conv].append(iteration_steps * seeds / (time.perf_counter() - t0))
+            w[1], w[2] = states, step + iteration_steps
+    return [{"loop": f"compiled, {w[3].layout.name}", "arch": arch, "seeds": seeds, "envs": envs, "conv": conv,
+             "sps": statistics.median(rates[conv]), "compile_s": w[4]} for conv, w in warmed.items()]
 
 
-def update_ms(arch: str, repeats: int = 50, conv: str = "lax") -> float:
-    """Median time of one jitted DQN update (batch 32) of the arch, in ms."""
-    config = apply_overrides(get_preset("minatar-dqn"), [*ARCHS[arch], f"network.conv={conv}"])
-    return 1e3 * update_seconds(config, repeats)
+def update_ms(arch: str, convs: list[str], rounds: int = 5, repeats: int = 20) -> dict[str, float]:
+    """Median time of one jitted DQN update (batch 32) of the arch with each encoder convolution, in ms: the
+    convolutions take turns for `rounds` rounds of `repeats` calls, so a slow spell of the machine hits all alike."""
+    configs = {conv: apply_overrides(get_preset("minatar-dqn"), [*ARCHS[arch], f"network.conv={conv}"])
+               for conv in convs}
+    times: dict[str, list[float]] = {conv: [] for conv in convs}
+    for _ in range(rounds):
+        for conv, config in configs.items():
+            times[conv].append(update_seconds(config, repeats))
+    return {conv: 1e3 * statistics.median(t) for conv, t in times.items()}
 
 
 def parse_convs(text: str) -> list[str]:
@@ -127,16 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     lines = ["| layer | conv | loop | seeds | envs per seed | agent steps/s (all seeds, median) | vs host loop "
-             "| update-bound ceiling | compile s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| standalone-update rate | compile s |", "|---|---|---|---|---|---|---|---|---|"]
     for arch in ARCHS:
         config = apply_overrides(get_preset("minatar-dqn"), ARCHS[arch])
         host = host_loop_sps(config, args.iteration_steps * args.repeats)  # the usual way: lax's convolution
-        ceilings = {conv: config.agent.update_period / (update_ms(arch, conv=conv) / 1e3)
-                    for conv in dict.fromkeys(["lax", *convs])}
+        ceilings = {conv: config.agent.update_period / (ms / 1e3)
+                    for conv, ms in update_ms(arch, list(dict.fromkeys(["lax", *convs]))).items()}
         rows = [{"loop": "host loop (reference)", "arch": arch, "seeds": 1, "envs": 1, "conv": "lax", "sps": host,
                  "compile_s": None}]
-        rows += [compiled_sps(arch, s, layout, envs, args.iteration_steps, args.repeats, conv)
-                 for s, layout, envs in runs for conv in convs]
+        for s, layout, envs in runs:
+            rows += compiled_sps(arch, s, layout, envs, args.iteration_steps, args.repeats, convs)
         for r in rows:
             compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
             lines.append(f"| {arch} | {r['conv']} | {r['loop']} | {r['seeds']} | {r['envs']} | {r['sps']:,.0f} | "
