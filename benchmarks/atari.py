@@ -135,16 +135,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--memory", action="store_true", help="also fill a 1M-transition replay and measure RSS")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                        help="further config overrides, applied last (e.g. network.conv=matmul)")
     parser.add_argument("--write", type=Path, default=None, help="markdown file whose section to update")
     args = parser.parse_args(argv)
     from layer_step import section_text, write_section
 
     # Replay ratio 0.25 (an update every 4 agent steps), batch 32, Impala + Soft MoE-8: the paper's Atari network.
-    config = apply_overrides(get_preset(args.preset), [
-        f"env={args.game}", f"num_envs={args.envs}", "agent.update_period=4", "agent.batch_size=32",
-        "network.encoder=impala", "network.moe=softmoe", f"network.num_experts={args.experts}",
-        "agent.replay_capacity=100000", f"agent.min_replay={max(args.envs * args.calls, 1000)}",
-        f"iteration_steps={args.envs * args.calls}", "steps=50000000"])
+    try:
+        config = apply_overrides(get_preset(args.preset), [
+            f"env={args.game}", f"num_envs={args.envs}", "agent.update_period=4", "agent.batch_size=32",
+            "network.encoder=impala", "network.moe=softmoe", f"network.num_experts={args.experts}",
+            "agent.replay_capacity=100000", f"agent.min_replay={max(args.envs * args.calls, 1000)}",
+            f"iteration_steps={args.envs * args.calls}", "steps=50000000", *args.sets])
+    except ValueError as err:
+        parser.error(str(err))
     env = env_only_sps(args.game, args.envs, args.calls, args.repeats, config.sticky_prob)
     print(f"env only: {statistics.median(env):,.0f} agent steps/s", flush=True)
     overlapped = trainer_sps(config, args.calls, args.repeats)
@@ -164,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                   "target <= 7.5 GB."]
     how = (f"{args.game}, {args.preset} protocol, {args.envs} environments, one seed; learning: replay ratio 0.25, "
            f"batch 32, Impala + Soft MoE-{args.experts}, 100k replay; median of {args.repeats} windows of "
-           f"{args.calls} calls after warm-up ({os.cpu_count()} host cores).")
+           f"{args.calls} calls after warm-up ({os.cpu_count()} host cores)"
+           + (f"; overrides {', '.join(args.sets)}." if args.sets else "."))
     text = section_text(f"Atari host/device trainer throughput ({args.game})", "atari.py", argv, how,
                         "\n".join(lines))
     print(text)

@@ -172,3 +172,11 @@ class TestKernelProfile:
         assert kernel_profile.kernel_table(events) == [("conv.1", 1, 10.0), ("fusion.2", 2, 10.0)]
         with pytest.raises(ValueError, match="no device process"):
             kernel_profile.device_events([self.meta(1, "/host:CPU"), self.x(1, 5, "op", 0.0, 1.0)])
+
+
+def test_atari_bad_override_exits_2_before_any_work(capsys):
+    atari = _load("atari")
+    with pytest.raises(SystemExit) as exit_info:
+        atari.main(["--set", "network.convv=matmul"])
+    assert exit_info.value.code == 2
+    assert "did you mean 'conv'" in capsys.readouterr().err
