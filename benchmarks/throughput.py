@@ -83,20 +83,22 @@ def compiled_sps(arch: str, seeds: int, layout: str, envs: int, iteration_steps:
     """Compile time and median agent steps/s (all seeds) of one compiled configuration per encoder convolution.
     The convolutions' programs take turns, one timed iteration each per round, so a slow spell of the machine
     hits all alike."""
-    warmed = {conv: list(warmed_trainer(arch, seeds, layout, iteration_steps, repeats,
-                                        (f"num_envs={envs}", f"network.conv={conv}"))) for conv in convs}
+    keys = ("run", "states", "step", "trainer", "compile_s")
+    warmed = {conv: dict(zip(keys, warmed_trainer(arch, seeds, layout, iteration_steps, repeats,
+                                                  (f"num_envs={envs}", f"network.conv={conv}")), strict=True))
+              for conv in convs}
     rates: dict[str, list[float]] = {conv: [] for conv in convs}
     for _ in range(repeats):
         for conv, w in warmed.items():
-            run, states, step = w[:3]
-            jax.block_until_ready(states)
+            jax.block_until_ready(w["states"])
             t0 = time.perf_counter()
-            states, metrics = run(states, jnp.int32(step))
+            w["states"], metrics = w["run"](w["states"], jnp.int32(w["step"]))
             jax.block_until_ready(metrics)
             rates[conv].append(iteration_steps * seeds / (time.perf_counter() - t0))
-            w[1], w[2] = states, step + iteration_steps
-    return [{"loop": f"compiled, {w[3].layout.name}", "arch": arch, "seeds": seeds, "envs": envs, "conv": conv,
-             "sps": statistics.median(rates[conv]), "compile_s": w[4]} for conv, w in warmed.items()]
+            w["step"] += iteration_steps
+    return [{"loop": f"compiled, {w['trainer'].layout.name}", "arch": arch, "seeds": seeds, "envs": envs,
+             "conv": conv, "sps": statistics.median(rates[conv]), "compile_s": w["compile_s"]}
+            for conv, w in warmed.items()]
 
 
 def update_ms(arch: str, convs: list[str], rounds: int = 5, repeats: int = 20) -> dict[str, float]:
@@ -143,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     for arch in ARCHS:
         config = apply_overrides(get_preset("minatar-dqn"), ARCHS[arch])
         host = host_loop_sps(config, args.iteration_steps * args.repeats)  # the usual way: lax's convolution
-        ceilings = {conv: config.agent.update_period / (ms / 1e3)
-                    for conv, ms in update_ms(arch, list(dict.fromkeys(["lax", *convs]))).items()}
+        update_rates = {conv: config.agent.update_period / (ms / 1e3)
+                        for conv, ms in update_ms(arch, list(dict.fromkeys(["lax", *convs]))).items()}
         rows = [{"loop": "host loop (reference)", "arch": arch, "seeds": 1, "envs": 1, "conv": "lax", "sps": host,
                  "compile_s": None}]
         for s, layout, envs in runs:
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
             lines.append(f"| {arch} | {r['conv']} | {r['loop']} | {r['seeds']} | {r['envs']} | {r['sps']:,.0f} | "
-                         f"{r['sps'] / host:.2f}x | {ceilings[r['conv']]:,.0f} | {compile_s} |")
+                         f"{r['sps'] / host:.2f}x | {update_rates[r['conv']]:,.0f} | {compile_s} |")
             print(lines[-1], flush=True)
     title = "Compiled trainer throughput vs a host loop (minatar-dqn, Breakout-MinAtar)"
     if jax.default_backend() != "cpu":
