@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 # pytest workers (pytest-xdist). On the 2-core CI machine two workers ran the 870 tests in 7 min 31 s (1.8 cores
 # busy on average: 13 min 49 s of CPU time), one process in 12 min 13 s (one run after the other).
-# Whole test files go to one worker (--dist loadfile) so module fixtures that train a run are built once.
+# Whole test files go to one worker (--dist loadfile) so module fixtures that train a run are built once; the
+# 15 slowest tests are listed at the end.
 TEST_WORKERS ?= 2
 
 .PHONY: demo test bench lock
@@ -22,7 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 bench: $(STAMP)  # layer step times into BENCHMARKS.md
 	$(PY) benchmarks/layer_step.py --repeats 50 --write BENCHMARKS.md
