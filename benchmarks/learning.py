@@ -89,6 +89,7 @@ def run_argvs(args: argparse.Namespace) -> list[list[str]]:
     (--force: it holds nothing but its config)."""
     from moescale.train.checkpoint import latest_checkpoint
 
+    sets = [a for kv in args.set for a in ("--set", kv)]
     argvs = []
     for preset in args.presets.split(","):
         for game in args.games.split(","):
@@ -97,7 +98,6 @@ def run_argvs(args: argparse.Namespace) -> list[list[str]]:
                 if latest_checkpoint(out / "checkpoints") is not None:
                     argvs.append(["train", "--resume", str(out)])
                     continue
-                sets = [a for kv in args.set for a in ("--set", kv)]
                 force = ["--force"] if (out / "config.yaml").exists() else []
                 argvs.append(["train", "--preset", preset, "--env", f"{game}-MinAtar", *flags, "--seeds",
                               str(args.seeds), "--steps", str(args.steps), *sets, "--out", str(out), *force])

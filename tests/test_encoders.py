@@ -204,11 +204,12 @@ class TestMakeEncoder:
             make_encoder("resnet")
 
 
-def _brute_conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, stride: int, pads) -> np.ndarray:
-    """Direct convolution by loops: out[n, y, x, f] = b[f] + sum_{i, j, c} xp[n, y*s + i, x*s + j, c] k[i, j, c, f]."""
-    (lo_h, hi_h), (lo_w, hi_w) = pads
-    xp = np.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
-    k = kernel.shape[0]
+def _brute_conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, stride: int, padding: str) -> np.ndarray:
+    """Direct convolution by loops: out[n, y, x, f] = b[f] + sum_{i, j, c} xp[n, y*s + i, x*s + j, c] k[i, j, c, f].
+    SAME pads so that the output is ceil(H / s), the smaller half of the padding before (TensorFlow's rule)."""
+    k, size = kernel.shape[0], x.shape[1]
+    total = max((-(-size // stride) - 1) * stride + k - size, 0) if padding == "SAME" else 0
+    xp = np.pad(x, ((0, 0), (total // 2, total - total // 2), (total // 2, total - total // 2), (0, 0)))
     h, w = (xp.shape[1] - k) // stride + 1, (xp.shape[2] - k) // stride + 1
     out = np.zeros((x.shape[0], h, w, kernel.shape[-1]))
     for yy in range(h):
@@ -234,15 +235,15 @@ class TestPatchConv:
         np.testing.assert_array_equal(same[0, 1, 1], [9, 0, 0, 0])
 
     @pytest.mark.parametrize("kernel,stride,padding,size", [(3, 1, "SAME", 10), (8, 4, "VALID", 20),
-                                                            (4, 2, "VALID", 9), (3, 2, "SAME", 7)])
+                                                            (4, 2, "VALID", 9), (3, 2, "SAME", 7),
+                                                            (3, 2, "SAME", 8)])  # total pad 1: (0, 1)
     def test_matches_brute_force(self, kernel, stride, padding, size):
         x = RNG.normal(size=(2, size, size, 3)).astype(np.float32)
         patch = PatchConv(5, kernel, stride, padding)
         params = patch.init(KEY, x)
         k, b = np.asarray(params["params"]["kernel"]), np.asarray(params["params"]["bias"]) + 0.5
         params = {"params": {"kernel": k, "bias": b}}
-        pads = jax.lax.padtype_to_pads((size, size), (kernel, kernel), (stride, stride), padding)
-        expected = _brute_conv(x.astype(np.float64), k.astype(np.float64), b, stride, pads)
+        expected = _brute_conv(x.astype(np.float64), k.astype(np.float64), b, stride, padding)
         np.testing.assert_allclose(patch.apply(params, x), expected, rtol=1e-5, atol=1e-5)
 
     @pytest.mark.parametrize("name", ["nature", "impala", "minatar"])
@@ -264,7 +265,7 @@ class TestPatchConv:
         for a, b in zip(jax.tree.leaves(loss(matmul)(params)), jax.tree.leaves(loss(enc)(params)), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(b))))
 
-    def test_vmapped_over_parameter_sets(self, variables):
+    def test_vmapped_over_parameter_sets(self):
         enc, obs, _ = CASES["minatar"]
         matmul = MinAtarCNN(conv="matmul")
         stacked = jax.vmap(enc.init)(jax.random.split(KEY, 3), jnp.zeros((3, *obs)))
