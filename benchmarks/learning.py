@@ -3,7 +3,8 @@
 `run` trains every (preset, game, layer) triple with `moescale train`, one program at a time: all seeds of a
 triple share one program, and triples run one after another, since programs sharing one GPU slow each other down (4 such
 programs at once ran at 3.4k agent steps/s each on an H100, against 10k-44k for one alone). Running it again
-resumes: a triple with a checkpoint continues from it, one stopped before its first checkpoint starts over.
+resumes: a finished triple (metrics reaching --steps) is skipped, one with a checkpoint continues from it, one
+stopped before its first checkpoint starts over.
 `table` reads the run directories' metrics.csv and prints the eval return at each budget: mean and sample
 standard deviation over seeds, then the seeds' values. A budget a run has not reached is reported as such.
 
@@ -84,9 +85,10 @@ def table_rows(run_dirs: list[Path], budgets: list[int], window: int = 1) -> lis
 
 
 def run_argvs(args: argparse.Namespace) -> list[list[str]]:
-    """`moescale train` argument lists, one per (preset, game, layer) in run order. A run directory with a
-    checkpoint is resumed (with its own stored config); one stopped before its first checkpoint is started again
-    (--force: it holds nothing but its config)."""
+    """`moescale train` argument lists, one per (preset, game, layer) in run order. A run whose metrics.csv
+    already reaches --steps is skipped (finished: its results may be kept without checkpoints); a run directory
+    with a checkpoint is resumed (with its own stored config); one stopped before its first checkpoint is started
+    again (--force: it holds nothing but its config)."""
     from moescale.train.checkpoint import latest_checkpoint
 
     sets = [a for kv in args.set for a in ("--set", kv)]
@@ -95,6 +97,8 @@ def run_argvs(args: argparse.Namespace) -> list[list[str]]:
         for game in args.games.split(","):
             for layer, flags in LAYERS.items():
                 out = args.out / f"{preset}-{game}-{layer}"
+                if (out / "metrics.csv").exists() and last_steps(out) >= args.steps:
+                    continue
                 if latest_checkpoint(out / "checkpoints") is not None:
                     argvs.append(["train", "--resume", str(out)])
                     continue

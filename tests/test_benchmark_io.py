@@ -95,10 +95,16 @@ class TestLearningTable:
     def test_run_passes_overrides_to_new_runs_and_resumes_checkpointed_ones(self, tmp_path):
         learning = _load("learning")
         args = argparse.Namespace(
-            out=tmp_path, presets="minatar-dqn,minatar-rainbow", games="Breakout", steps=250000, seeds=3,
-            set=["iteration_steps=25000", "checkpoint_every=1"])
+            out=tmp_path, presets="minatar-dqn,minatar-rainbow", games="Breakout,SpaceInvaders", steps=250000,
+            seeds=3, set=["iteration_steps=25000", "checkpoint_every=1"])
         # softmoe-4 of DQN has a complete checkpoint (resumed); dense of Rainbow was stopped before its first
-        # one (started again with --force) and has an unfinished checkpoint, which does not count.
+        # one (started again with --force) and has an unfinished checkpoint, which does not count. On
+        # SpaceInvaders every triple is finished (metrics reach 250k; kept without checkpoints) but Rainbow
+        # softmoe-4, which stopped at 225k with no checkpoint left: started again with --force.
+        for name in ("minatar-dqn-SpaceInvaders-dense", "minatar-dqn-SpaceInvaders-softmoe-4",
+                     "minatar-rainbow-SpaceInvaders-dense"):
+            self._run(tmp_path, name, {25000: [0.0, 1.0], 250000: [2.0, 3.0]})
+        self._run(tmp_path, "minatar-rainbow-SpaceInvaders-softmoe-4", {225000: [2.0, 3.0]})
         (tmp_path / "minatar-dqn-Breakout-softmoe-4" / "checkpoints" / "ckpt_00000001").mkdir(parents=True)
         (tmp_path / "minatar-dqn-Breakout-softmoe-4" / "checkpoints" / "ckpt_00000001" / "COMPLETE").touch()
         (tmp_path / "minatar-rainbow-Breakout-dense" / "checkpoints" / ".tmp_ckpt_00000001").mkdir(parents=True)
@@ -106,7 +112,9 @@ class TestLearningTable:
         argvs = learning.run_argvs(args)
         assert [a[a.index("--out") + 1] if "--out" in a else a[-1] for a in argvs] == [
             str(tmp_path / n) for n in ("minatar-dqn-Breakout-dense", "minatar-dqn-Breakout-softmoe-4",
-                                        "minatar-rainbow-Breakout-dense", "minatar-rainbow-Breakout-softmoe-4")]
+                                        "minatar-rainbow-Breakout-dense", "minatar-rainbow-Breakout-softmoe-4",
+                                        "minatar-rainbow-SpaceInvaders-softmoe-4")]
+        assert argvs[4][-1] == "--force"
         assert argvs[1] == ["train", "--resume", str(tmp_path / "minatar-dqn-Breakout-softmoe-4")]
         assert argvs[2] == ["train", "--preset", "minatar-rainbow", "--env", "Breakout-MinAtar", "--moe", "dense",
                             "--seeds", "3", "--steps", "250000", "--set", "iteration_steps=25000", "--set",
