@@ -1,5 +1,6 @@
 """benchmarks/layer_step.py: its section of BENCHMARKS.md is replaced in place, the rest kept;
-benchmarks/kernel_profile.py: device time per kernel from a trace."""
+benchmarks/kernel_profile.py: device time per kernel from a trace; learning.py, throughput.py and gpu.sh: their
+arguments."""
 
 from __future__ import annotations
 
@@ -188,3 +189,25 @@ def test_atari_bad_override_exits_2_before_any_work(capsys):
         atari.main(["--set", "network.convv=matmul"])
     assert exit_info.value.code == 2
     assert "did you mean 'conv'" in capsys.readouterr().err
+
+
+class TestGpuScript:
+    """benchmarks/gpu.sh: a bad part is refused before anything runs, and every wheel it fetches is pinned."""
+
+    def test_unknown_part_is_a_one_line_error(self):
+        import subprocess
+
+        done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), "bogus"], capture_output=True, text=True)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.strip().splitlines() == [
+            "part: expected one of wheels, check, profile, throughput, atari, learn; got 'bogus'"]
+
+    def test_every_wheel_is_pinned_in_the_lock(self):
+        import re
+
+        script = (BENCHMARKS / "gpu.sh").read_text()
+        names = re.search(r'WHEELS="([^"]*)"', script).group(1).split()
+        lock = (BENCHMARKS.parent / "requirements.lock").read_text().lower().splitlines()
+        pinned = {line.split("==")[0] for line in lock if "==" in line}
+        assert len(names) == 12 and "gymnax" in names
+        assert [n for n in names if n.lower() not in pinned] == []
