@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/gpu.sh wheels        # on a machine with the package registries: the missing wheels into .whl/
 #   bash benchmarks/gpu.sh PART [OUTDIR] # on the GPU machine, with .whl/ beside it; results under OUTDIR
+#   bash benchmarks/gpu.sh exec OUTDIR COMMAND...  # any command there with the same set-up, e.g.
+#       bash benchmarks/gpu.sh exec "$OUT" python3 -m moescale.cli study studies/x.yaml --out studies/x
 #
 # PART is one of
 #   check       imports every module the other parts use and lists the presets (a first call, seconds)
@@ -41,9 +43,13 @@ if [[ $part == wheels ]]; then
   exit 0
 fi
 
-case $part in check | profile | throughput | atari | learn) ;;
-  *) echo "part: expected one of wheels, check, profile, throughput, atari, learn; got '${part}'" >&2; exit 2 ;;
+case $part in check | profile | throughput | atari | learn | exec) ;;
+  *) echo "part: expected one of wheels, check, profile, throughput, atari, learn, exec; got '${part}'" >&2; exit 2 ;;
 esac
+if [[ $part == exec && $# -lt 3 ]]; then
+  echo "exec: expected OUTDIR and a command after it" >&2
+  exit 2
+fi
 
 mkdir -p "$out"
 if ! python3 -c "import gymnax, rlax" 2>/dev/null; then
@@ -55,6 +61,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 python3 -c "import jax; print('devices:', jax.devices(), 'jax', jax.__version__)" | tee "$out/devices.txt"
 
 case $part in
+  exec)
+    shift 2
+    "$@" 2>&1 | tee "$out/exec.txt"
+    ;;
   check)
     python3 -c "import moescale.train.run, moescale.train.sebulba, moescale.envs.host, moescale.study.runner; print('imports: ok')"
     python3 -m moescale.cli presets

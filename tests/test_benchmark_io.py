@@ -194,13 +194,16 @@ def test_atari_bad_override_exits_2_before_any_work(capsys):
 class TestGpuScript:
     """benchmarks/gpu.sh: a bad part is refused before anything runs, and every wheel it fetches is pinned."""
 
-    def test_unknown_part_is_a_one_line_error(self):
+    def test_unknown_part_or_missing_command_is_a_one_line_error(self):
         import subprocess
 
         done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), "bogus"], capture_output=True, text=True)
         assert done.returncode == 2 and done.stdout == ""
         assert done.stderr.strip().splitlines() == [
-            "part: expected one of wheels, check, profile, throughput, atari, learn; got 'bogus'"]
+            "part: expected one of wheels, check, profile, throughput, atari, learn, exec; got 'bogus'"]
+        done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), "exec", "/tmp/out"], capture_output=True,
+                              text=True)
+        assert done.returncode == 2 and done.stderr == "exec: expected OUTDIR and a command after it\n"
 
     def test_every_wheel_is_pinned_in_the_lock(self):
         import re
