@@ -187,7 +187,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from moescale.analysis.analyze import AnalysisError, analyze_run, expert_subset_eval, plot_metrics
+    from moescale.analysis.analyze import AnalysisError, analyze_run, expert_subset_eval, plot_metrics, short_labels
 
     if len(args.runs) > 1 and args.out is None:
         raise ValueError("--out: required with several runs (the directory of the comparison figure)")
@@ -208,7 +208,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise ValueError(str(e)) from None
     if len(args.runs) > 1:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = plot_metrics({f"{run}": rows for run, rows in runs.items()}, args.out / "analysis_compare.png")
+        named = dict(zip(short_labels(list(runs)), runs.values(), strict=True))
+        path = plot_metrics(named, args.out / "analysis_compare.png")
         print(f"comparison -> {path}")
     return 0
 

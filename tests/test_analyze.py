@@ -77,3 +77,21 @@ def test_params_snapshot_of_another_network_is_refused(softmoe_run):
     other = build_network(NetworkConfig(encoder="mlp", moe="dense"), (4,), 2).init(jax.random.key(0))
     with pytest.raises(ValueError, match="another network"):
         load_snapshot(list_snapshots(softmoe_run)[0][1], other)
+
+
+def test_short_labels_keep_the_fewest_path_components_that_differ(tmp_path):
+    from pathlib import Path
+
+    from moescale.analysis.analyze import plot_metrics, short_labels
+
+    assert short_labels([Path("r/x/dense"), Path("r/x/softmoe-4")]) == ["dense", "softmoe-4"]
+    assert short_labels([Path("/s/a/b/run"), Path("/s/c/b/run")]) == ["a/b/run", "c/b/run"]
+    assert short_labels([Path("a/seed0"), Path("seed0")]) == ["a/seed0", "seed0"]
+    assert short_labels([Path("x"), Path("x")]) == ["x", "x"]
+    # a dense run (routing entropies recorded as 0, left out of those panels) beside a Soft MoE run, one snapshot
+    dense = [{"iteration": 1, "agent_steps": 100, "seed": s, "srank": 3.0 + s, "dispatch_entropy": 0.0}
+             for s in (0, 1)]
+    moe = [{**r, "dispatch_entropy": 2.0, "expert_importance_0": 0.4, "expert_importance_1": 0.6} for r in dense]
+    labels = short_labels([Path("r/dense"), Path("r/softmoe-2")])
+    path = plot_metrics(dict(zip(labels, [dense, moe], strict=True)), tmp_path / "c.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

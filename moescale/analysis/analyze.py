@@ -49,7 +49,10 @@ SUBSET_MODES = ("best", "random")
 # Plotted when present, in this order: (column, axis label).
 PLOTTED = (("dormant0.1", "dormant fraction (tau 0.1)"), ("dormant0", "dead fraction (tau 0)"),
            ("srank", "srank of features"), ("feature_norm", "feature norm"), ("param_norm", "parameter norm"),
-           ("grad_norm", "gradient norm"), ("ntk_rank", "empirical NTK rank"))
+           ("grad_norm", "gradient norm"), ("ntk_rank", "empirical NTK rank"),
+           ("dispatch_entropy", "dispatch entropy per slot, over tokens (nats)"),
+           ("combine_entropy", "combine entropy per token, over slots (nats)"))
+ROUTED = ("dispatch_entropy", "combine_entropy")  # plotted for runs with experts only (a dense layer records 0)
 
 
 class AnalysisError(Exception):
@@ -234,6 +237,17 @@ def _label(parts: RunParts) -> str:
     return name if arch in name else f"{name} ({arch})"
 
 
+def short_labels(paths: list[Path]) -> list[str]:
+    """Names for runs in a figure: the fewest trailing path components that tell the paths apart
+    (x/dense, x/softmoe-4 -> dense, softmoe-4; a/seed0, b/seed0 -> a/seed0, b/seed0)."""
+    parts = [Path(p).parts for p in paths]
+    for k in range(1, max((len(p) for p in parts), default=0) + 1):
+        labels = ["/".join(p[-k:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in paths]  # the same path twice
+
+
 def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
     fields = list(dict.fromkeys(k for r in rows for k in r))
     table = pa.Table.from_pylist([{k: r.get(k, math.nan) for k in fields} for r in rows])
@@ -251,9 +265,10 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(plt: Any, fig: Any, path: Path) -> Path:
-    """Write the figure to a temporary name, then rename it to `path` (a reader never sees half a PNG)."""
-    fig.tight_layout()
+def _save(plt: Any, fig: Any, path: Path, rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Write the figure to a temporary name, then rename it to `path` (a reader never sees half a PNG); `rect`:
+    the part of the figure the panels fill (the rest holds a figure legend)."""
+    fig.tight_layout(rect=rect)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -272,24 +287,32 @@ def _by_step(rows: list[dict[str, Any]], column: str) -> tuple[np.ndarray, np.nd
 
 
 def plot_metrics(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """One panel per metric against agent steps, one line per run (mean over seeds, band +- sd), plus each
-    run's expert importance when it has experts; saved to `path`."""
+    """One panel per metric against agent steps, one line per run (mean over seeds, band +- sd; a point with an
+    error bar for a single snapshot), routing entropies for the runs with experts, plus each such run's expert
+    importance; one legend under the panels; saved to `path`."""
     plt = _pyplot()
     columns = [(c, label) for c, label in PLOTTED if any(c in r for rows in runs.values() for r in rows)]
     experts = [(name, sorted({k for r in rows for k in r if k.startswith("expert_importance_")},
                              key=lambda k: int(k.rsplit("_", 1)[1]))) for name, rows in runs.items()]
     experts = [(name, keys) for name, keys in experts if len(keys) > 1]
+    routed = {name for name, _ in experts}
+    columns = [(c, label) for c, label in columns if c not in ROUTED or routed]
     panels = len(columns) + len(experts)
     cols = min(4, panels)
     fig, axes = plt.subplots(-(-panels // cols), cols, figsize=(4.2 * cols, 3.3 * -(-panels // cols)),
                              squeeze=False)
     axes = axes.ravel()
+    colors = {name: f"C{i % 10}" for i, name in enumerate(runs)}  # a run keeps its colour in every panel
     for ax, (column, label) in zip(axes, columns, strict=False):
         for name, rows in runs.items():
+            if column in ROUTED and name not in routed:
+                continue
             x, mean, sd = _by_step(rows, column)
-            if len(x):
-                line = ax.plot(x, mean, marker="o", markersize=3, label=name)[0]
-                ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.15, linewidth=0)
+            if len(x) == 1:  # one snapshot: a point with an error bar (a band needs two)
+                ax.errorbar(x, mean, yerr=sd, marker="o", markersize=3, capsize=3, color=colors[name], label=name)
+            elif len(x):
+                ax.plot(x, mean, marker="o", markersize=3, color=colors[name], label=name)
+                ax.fill_between(x, mean - sd, mean + sd, color=colors[name], alpha=0.15, linewidth=0)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("agent steps per seed", fontsize=8)
         ax.grid(alpha=0.3)
@@ -304,10 +327,15 @@ def plot_metrics(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
         ax.grid(alpha=0.3)
     for ax in axes[panels:]:
         ax.axis("off")
-    if columns:
-        axes[0].legend(fontsize=7)
-    fig.suptitle("Held-out metrics over training (mean over seeds, band +- sd)", fontsize=10)
-    return _save(plt, fig, path)
+    fig.suptitle("Held-out metrics over training (mean over seeds, band or bar +- sd)", fontsize=10)
+    if not columns:
+        return _save(plt, fig, path)
+    # One legend for all panels, under them: run names are often longer than a panel is wide.
+    handles, labels = axes[0].get_legend_handles_labels()
+    legend_rows = -(-len(labels) // 2)
+    fig.legend(handles, labels, loc="lower center", ncol=min(2, len(labels)), fontsize=8, frameon=False)
+    bottom = (0.25 * legend_rows + 0.1) / fig.get_figheight()
+    return _save(plt, fig, path, rect=(0, bottom, 1, 1))
 
 
 # ------------------------------------------------------------------------------------ expert-subset inference
