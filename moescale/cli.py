@@ -24,7 +24,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--moe", choices=MOE_TYPES, help="penultimate layer")
     p.add_argument("--experts", type=int, help="number of experts (MoE) or width multiplier (dense)")
     p.add_argument("--seeds", type=int, help="seeds trained together in one program")
-    p.add_argument("--steps", type=int, help="agent steps per seed")
+    p.add_argument("--steps", type=int, help="agent steps per seed, trained in whole iterations (below the "
+                   "preset's iteration_steps, one iteration of --steps)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set agent.learning_rate=1e-4 --set network.k=2")
     p.add_argument("--out", type=Path, help="run directory")
@@ -79,7 +80,23 @@ def _build_config(args: argparse.Namespace):
         sets.append(f"dataset_subset={parse_fraction(args.subset)!r}")
     if args.subset_mode is not None:
         sets.append(f"dataset_mode={args.subset_mode}")
-    return apply_overrides(config, sets + args.set)
+    config = apply_overrides(config, sets + args.set)
+    # A run trains whole iterations. --steps below the preset's iteration length shortens the iteration to it
+    # (rounded up to whole acting+learning rounds) instead of training a whole preset iteration.
+    iteration_set = any(s.split("=", 1)[0].strip() == "iteration_steps" for s in args.set)
+    if args.steps is not None and args.resume is None and not iteration_set and config.steps < config.iteration_steps:
+        per = config.steps_per_loop
+        config = apply_overrides(config, [f"iteration_steps={-(-config.steps // per) * per}"])
+    return config
+
+
+def whole_iterations_note(config) -> str | None:
+    """A one-line note when `config.steps` is not a whole number of iterations (the run trains more)."""
+    trained = config.iterations * config.iteration_steps
+    if trained == config.steps:
+        return None
+    return (f"note: steps={config.steps} is not a multiple of iteration_steps={config.iteration_steps}; the run "
+            f"trains whole iterations: {trained} steps per seed")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -101,6 +118,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_host_env_name(config.env)
         check_host_network(config.env, config.network, config.sticky_prob)
     out = args.resume if args.resume is not None else args.out
+    note = whole_iterations_note(config) if args.resume is None else None
+    if note:
+        print(f"moescale train: {note}", file=sys.stderr)
     try:
         summary = train(config, out, resume=args.resume is not None, force=args.force,
                         progress=not args.no_progress, record_dataset=args.record_dataset)

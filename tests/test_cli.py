@@ -43,3 +43,37 @@ class TestBadInput:
         lines = capsys.readouterr().out.strip().splitlines()
         assert any(line.startswith("minatar-dqn ") for line in lines)
         assert any(line.startswith("classic-dqn ") for line in lines)
+
+
+class TestSteps:
+    """--steps trains whole iterations: below the preset's iteration length, one iteration of --steps."""
+
+    @staticmethod
+    def config(**given):
+        import argparse
+
+        from moescale.cli import _build_config
+
+        args = {"preset": "classic-dqn", "env": None, "moe": None, "experts": None, "seeds": None, "steps": None,
+                "dataset": None, "subset": None, "subset_mode": None, "set": [], "resume": None}
+        return _build_config(argparse.Namespace(**{**args, **given}))
+
+    def test_iteration_shortened_to_the_steps(self):
+        from moescale.cli import whole_iterations_note
+
+        assert self.config().iteration_steps == 50_000  # classic-dqn's, 10 envs: rounds of 10 agent steps
+        short = self.config(steps=12_000)
+        assert (short.iteration_steps, short.iterations) == (12_000, 1) and whole_iterations_note(short) is None
+        odd = self.config(steps=12_005)  # rounded up to whole rounds, and said so
+        assert (odd.iteration_steps, odd.iterations) == (12_010, 1)
+        assert "12010 steps per seed" in whole_iterations_note(odd)
+
+    def test_explicit_iteration_length_and_long_runs_are_kept(self):
+        from moescale.cli import whole_iterations_note
+
+        assert self.config(steps=12_000, set=["iteration_steps=6000"]).iteration_steps == 6000
+        long = self.config(steps=120_000)
+        assert (long.iteration_steps, long.iterations) == (50_000, 3)
+        assert "not a multiple of iteration_steps=50000" in whole_iterations_note(long)
+        assert "150000 steps per seed" in whole_iterations_note(long)
+        assert self.config(steps=12_000, resume="runs/x").iteration_steps == 50_000  # a resumed run keeps its own
