@@ -56,7 +56,7 @@ def parse_fraction(text: str) -> float:
 
 
 def _build_config(args: argparse.Namespace):
-    from moescale.presets import apply_overrides, get_preset
+    from moescale.presets import apply_overrides, fit_iteration_to_steps, get_preset
 
     config = get_preset(args.preset)
     sets = []
@@ -81,13 +81,7 @@ def _build_config(args: argparse.Namespace):
     if args.subset_mode is not None:
         sets.append(f"dataset_mode={args.subset_mode}")
     config = apply_overrides(config, sets + args.set)
-    # A run trains whole iterations. --steps below the preset's iteration length shortens the iteration to it
-    # (rounded up to whole acting+learning rounds) instead of training a whole preset iteration.
-    iteration_set = any(s.split("=", 1)[0].strip() == "iteration_steps" for s in args.set)
-    if args.steps is not None and args.resume is None and not iteration_set and config.steps < config.iteration_steps:
-        per = config.steps_per_loop
-        config = apply_overrides(config, [f"iteration_steps={-(-config.steps // per) * per}"])
-    return config
+    return config if args.resume is not None else fit_iteration_to_steps(config, args.set)
 
 
 def whole_iterations_note(config) -> str | None:

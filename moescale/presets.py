@@ -180,6 +180,17 @@ def apply_overrides(config: Any, overrides: list[str]) -> Any:
     return _replace(config, changes)
 
 
+def fit_iteration_to_steps(config: Any, overrides: list[str]) -> Any:
+    """A run trains whole iterations: when `config.steps` is below the iteration length and `overrides` do not
+    set iteration_steps, one iteration of `steps` agent steps (rounded up to whole acting+learning rounds)
+    instead of a whole preset iteration (e.g. classic-dqn with steps=12000 would train 50,000)."""
+    if config.steps >= config.iteration_steps or any(o.split("=", 1)[0].strip() == "iteration_steps"
+                                                     for o in overrides):
+        return config
+    per = config.steps_per_loop
+    return apply_overrides(config, [f"iteration_steps={-(-config.steps // per) * per}"])
+
+
 @dataclasses.dataclass(frozen=True)
 class _Value:
     value: Any

@@ -38,6 +38,11 @@ class TestSpec:
         assert last.config.agent.learning_rate == 3e-4 and last.config.seeds == 3 and last.config.steps == 5000
         dense4 = s.groups[2]
         assert (dense4.config.network.width_multiplier, dense4.config.network.num_experts) == (4, 1)
+        # steps below the presets' 100k-step iterations: one iteration of 5000 (not a whole 100k one)...
+        assert {(g.config.iteration_steps, g.config.iterations) for g in s.groups} == {(5000, 1)}
+        # ... unless the spec sets the iteration length
+        kept = parse_spec({**raw, "set": {"iteration_steps": 1000}})
+        assert {(g.config.iteration_steps, g.config.iterations) for g in kept.groups} == {(1000, 5)}
         assert last.point == {"preset": "minatar-rainbow", "env": "Asterix-MinAtar", "moe": "topk", "size": 2,
                               "tokenizer": "per_feature", "agent.learning_rate": 3e-4}
 

@@ -33,7 +33,7 @@ from moescale import checks
 from moescale.config import MOE_TYPES, TrainConfig
 from moescale.envs.jax_envs import ENV_NAMES, check_env_name
 from moescale.layers.tokenize import TOKENIZERS
-from moescale.presets import apply_overrides, get_preset
+from moescale.presets import apply_overrides, fit_iteration_to_steps, get_preset
 
 SPEC_KEYS = ("name", "preset", "presets", "envs", "layers", "tokenizers", "seeds", "steps", "set", "sweep")
 LAYER_KEYS = ("moe", "widths", "experts", "tokenizers", "set")
@@ -172,7 +172,7 @@ def parse_spec(raw: Any) -> StudySpec:
         point = {"preset": preset, "env": env, "moe": layer["moe"], "size": layer["size"],
                  "tokenizer": layer["tokenizer"], **swept}
         try:
-            config = apply_overrides(get_preset(preset), sets)
+            config = fit_iteration_to_steps(apply_overrides(get_preset(preset), sets), sets)
         except ValueError as err:
             raise ValueError(f"spec: run {point} is impossible: {err}") from None
         parts = [preset, env, f"{layer['moe']}-{layer['size']}"]
