@@ -82,7 +82,7 @@ def test_params_snapshot_of_another_network_is_refused(softmoe_run):
 def test_short_labels_keep_the_fewest_path_components_that_differ(tmp_path):
     from pathlib import Path
 
-    from moescale.analysis.analyze import plot_metrics, short_labels
+    from moescale.analysis.analyze import metric_panels, plot_metrics, short_labels
 
     assert short_labels([Path("r/x/dense"), Path("r/x/softmoe-4")]) == ["dense", "softmoe-4"]
     assert short_labels([Path("/s/a/b/run"), Path("/s/c/b/run")]) == ["a/b/run", "c/b/run"]
@@ -93,5 +93,10 @@ def test_short_labels_keep_the_fewest_path_components_that_differ(tmp_path):
              for s in (0, 1)]
     moe = [{**r, "dispatch_entropy": 2.0, "expert_importance_0": 0.4, "expert_importance_1": 0.6} for r in dense]
     labels = short_labels([Path("r/dense"), Path("r/softmoe-2")])
-    path = plot_metrics(dict(zip(labels, [dense, moe], strict=True)), tmp_path / "c.png")
+    runs = dict(zip(labels, [dense, moe], strict=True))
+    columns, experts = metric_panels(runs)
+    assert [(c, names) for c, _, names in columns] == [("srank", ["dense", "softmoe-2"]),
+                                                       ("dispatch_entropy", ["softmoe-2"])]
+    assert experts == [("softmoe-2", ["expert_importance_0", "expert_importance_1"])]
+    path = plot_metrics(runs, tmp_path / "c.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -286,28 +286,39 @@ def _by_step(rows: list[dict[str, Any]], column: str) -> tuple[np.ndarray, np.nd
             np.array([np.std(values[i]) for i in keep]))
 
 
+def metric_panels(runs: dict[str, list[dict[str, Any]]]
+                  ) -> tuple[list[tuple[str, str, list[str]]], list[tuple[str, list[str]]]]:
+    """What plot_metrics draws: (column, label, runs drawn) per metric panel, in PLOTTED order, and (run, its
+    expert_importance_i columns in expert order) for each run with more than one expert. Routing entropies are
+    drawn for runs with experts only."""
+    experts = [(name, sorted({k for r in rows for k in r if k.startswith("expert_importance_")},
+                             key=lambda k: int(k.rsplit("_", 1)[1]))) for name, rows in runs.items()]
+    experts = [(name, keys) for name, keys in experts if len(keys) > 1]
+    routed = {name for name, _ in experts}
+    columns = []
+    for column, label in PLOTTED:
+        names = [name for name, rows in runs.items() if any(column in r for r in rows)
+                 and (column not in ROUTED or name in routed)]
+        if names:
+            columns.append((column, label, names))
+    return columns, experts
+
+
 def plot_metrics(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """One panel per metric against agent steps, one line per run (mean over seeds, band +- sd; a point with an
     error bar for a single snapshot), routing entropies for the runs with experts, plus each such run's expert
     importance; one legend under the panels; saved to `path`."""
     plt = _pyplot()
-    columns = [(c, label) for c, label in PLOTTED if any(c in r for rows in runs.values() for r in rows)]
-    experts = [(name, sorted({k for r in rows for k in r if k.startswith("expert_importance_")},
-                             key=lambda k: int(k.rsplit("_", 1)[1]))) for name, rows in runs.items()]
-    experts = [(name, keys) for name, keys in experts if len(keys) > 1]
-    routed = {name for name, _ in experts}
-    columns = [(c, label) for c, label in columns if c not in ROUTED or routed]
+    columns, experts = metric_panels(runs)
     panels = len(columns) + len(experts)
     cols = min(4, panels)
     fig, axes = plt.subplots(-(-panels // cols), cols, figsize=(4.2 * cols, 3.3 * -(-panels // cols)),
                              squeeze=False)
     axes = axes.ravel()
     colors = {name: f"C{i % 10}" for i, name in enumerate(runs)}  # a run keeps its colour in every panel
-    for ax, (column, label) in zip(axes, columns, strict=False):
-        for name, rows in runs.items():
-            if column in ROUTED and name not in routed:
-                continue
-            x, mean, sd = _by_step(rows, column)
+    for ax, (column, label, names) in zip(axes, columns, strict=False):
+        for name in names:
+            x, mean, sd = _by_step(runs[name], column)
             if len(x) == 1:  # one snapshot: a point with an error bar (a band needs two)
                 ax.errorbar(x, mean, yerr=sd, marker="o", markersize=3, capsize=3, color=colors[name], label=name)
             elif len(x):
@@ -331,7 +342,11 @@ def plot_metrics(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     if not columns:
         return _save(plt, fig, path)
     # One legend for all panels, under them: run names are often longer than a panel is wide.
-    handles, labels = axes[0].get_legend_handles_labels()
+    named = {}  # every run once, whichever panels it is drawn in
+    for ax in axes[:len(columns)]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            named.setdefault(label, handle)
+    handles, labels = list(named.values()), list(named)
     legend_rows = -(-len(labels) // 2)
     fig.legend(handles, labels, loc="lower center", ncol=min(2, len(labels)), fontsize=8, frameon=False)
     bottom = (0.25 * legend_rows + 0.1) / fig.get_figheight()
