@@ -221,10 +221,10 @@ class TrainConfig:
     eval_max_steps: int = 5_000  # per evaluation episode
     checkpoint_every: int = 10  # iterations
     # How the seeds share one compiled program. "vmap": one batched program over a seed axis (the GPU
-    # design). "unroll": one copy of the per-seed program per seed, each seed in its own buffers, which on
-    # CPU keeps a seed's weights in cache and lets XLA run seeds side by side (1.45x (dense) and 1.30x
-    # (Soft MoE-4) the vmap throughput for 8 minatar-dqn seeds on 2 cores; BENCHMARKS.md); compile time
-    # grows with the seed count. "auto": unroll on CPU, vmap on accelerators.
+    # design). "unroll": one copy of the per-seed program per seed, each seed's iteration its own loop in its
+    # own buffers, which on CPU keeps a seed's weights in cache and lets XLA run seeds side by side (for 8
+    # dense minatar-dqn seeds on 2 cores, 1.6x the vmap throughput; BENCHMARKS.md); compile time grows with
+    # the seed count. "auto": unroll on CPU, vmap on accelerators.
     seed_layout: str = "auto"
     # Offline training: a dataset directory (moescale.data format, e.g. written by --record-dataset). When set,
     # no environment step is taken for training: every seed learns from the same fixed data, sampled uniformly,

@@ -7,7 +7,10 @@ One round of the loop, per seed: K = max(1, update_period / E) acting steps on E
 replay, then U = max(1, E / update_period) gradient updates once min_replay agent steps have been taken, so
 the replay ratio (updates per agent step) is 1 / update_period whatever E is. Every seed takes the same
 number of steps, so the step counter is shared and "learning started" / "sync the target" are real branches
-(lax.cond), not selects that would run the update for nothing.
+(lax.cond), not selects that would run the update for nothing, even with the seeds vmapped.
+
+An iteration is written for one seed (its rounds, then evaluation); the seed layout (SeedLayout) runs it for
+all S: vmapped into one batched loop, or as S independent loops, one per seed.
 
 Offline (config.dataset set): no environment is stepped to train. A round is update_period training steps and
 one update on a batch sampled uniformly from the fixed dataset, which all seeds share: it is an input of the
@@ -69,9 +72,9 @@ class RoundStats:
 
 
 class RoundCarry(NamedTuple):
-    """What the scan over rounds carries: all seeds' states (S,), their stats (S,), the shared step."""
+    """What one seed's scan over rounds carries: its state, its stats, the step (the same for every seed)."""
 
-    seeds: SeedState
+    seed: SeedState
     stats: RoundStats
     step: jax.Array
 
@@ -199,12 +202,9 @@ def make_trainer(config: TrainConfig, offline: OfflineData | None = None) -> Tra
             stats = stats.counted(m)
         return seed.replace(agent=agent_state, replay=replay, key=key), stats
 
-    def sync_seed(seed: SeedState, stats: None) -> tuple[SeedState, None]:
-        return seed.replace(agent=agent.sync_target(seed.agent)), stats
-
-    def sync_if_crossed(seeds: Any, step: jax.Array, new_step: jax.Array) -> Any:
+    def sync_if_crossed(seed: SeedState, step: jax.Array, new_step: jax.Array) -> SeedState:
         crossed = new_step // acfg.target_update_period > step // acfg.target_update_period
-        return jax.lax.cond(crossed, lambda s: over_seeds(sync_seed, s, None)[0], lambda s: s, seeds)
+        return jax.lax.cond(crossed, lambda s: s.replace(agent=agent.sync_target(s.agent)), lambda s: s, seed)
 
     def learn_offline(seed: SeedState, stats: RoundStats, data: ReplayState) -> tuple[SeedState, RoundStats]:
         key, key_sample, key_update = jax.random.split(seed.key, 3)
@@ -215,23 +215,22 @@ def make_trainer(config: TrainConfig, offline: OfflineData | None = None) -> Tra
         return seed.replace(agent=agent_state, key=key), stats
 
     def offline_round(carry: RoundCarry, data: ReplayState) -> RoundCarry:
-        seeds, stats, step = carry
-        seeds, stats = over_seeds(learn_offline, seeds, stats, data)
+        seed, stats, step = carry
+        seed, stats = learn_offline(seed, stats, data)
         new_step = step + acfg.update_period
-        return RoundCarry(sync_if_crossed(seeds, step, new_step), stats, new_step)
+        return RoundCarry(sync_if_crossed(seed, step, new_step), stats, new_step)
 
     def one_round(carry: RoundCarry, _: None) -> tuple[RoundCarry, None]:
-        seeds, stats, step = carry
+        seed, stats, step = carry
 
-        def act_all(k: jax.Array, carry: tuple[Any, Any]) -> tuple[Any, Any]:
-            return over_seeds(act_step, *carry, epsilon_schedule(step + k * num_envs, acfg))
+        def act_k(k: jax.Array, carry: tuple[SeedState, RoundStats]) -> tuple[SeedState, RoundStats]:
+            return act_step(*carry, epsilon_schedule(step + k * num_envs, acfg))
 
-        # A loop, not a Python unroll: one copy of the acting code per seed keeps compile times short.
-        seeds, stats = jax.lax.fori_loop(0, act_steps, act_all, (seeds, stats))
+        seed, stats = jax.lax.fori_loop(0, act_steps, act_k, (seed, stats))
         new_step = step + config.steps_per_loop
-        seeds, stats = jax.lax.cond(new_step >= acfg.min_replay, lambda s, t: over_seeds(learn, s, t, new_step),
-                                    lambda s, t: (s, t), seeds, stats)
-        return RoundCarry(sync_if_crossed(seeds, step, new_step), stats, new_step), None
+        seed, stats = jax.lax.cond(new_step >= acfg.min_replay, lambda s, t: learn(s, t, new_step),
+                                   lambda s, t: (s, t), seed, stats)
+        return RoundCarry(sync_if_crossed(seed, step, new_step), stats, new_step), None
 
     def evaluate(params: Any, key: jax.Array) -> jax.Array:
         """Mean return of eval_episodes episodes at eps_eval, each capped at eval_max_steps."""
@@ -256,18 +255,18 @@ def make_trainer(config: TrainConfig, offline: OfflineData | None = None) -> Tra
         }
         return seed.replace(key=key), metrics
 
-    def zero_stats(seed: SeedState, _: None) -> tuple[SeedState, RoundStats]:
-        return seed, RoundStats(*(jnp.zeros(()) for _ in range(5)))
-
-    def iterate(seeds: Any, step: jax.Array, *inputs: Any) -> tuple[Any, dict[str, jax.Array]]:
-        seeds, zeros = over_seeds(zero_stats, seeds, None)
-        carry = RoundCarry(seeds, zeros, step)
+    def iterate_seed(seed: SeedState, _: None, step: jax.Array, *inputs: Any) -> tuple[SeedState, dict]:
+        """One seed's whole iteration: its rounds, then evaluation and metrics."""
+        carry = RoundCarry(seed, RoundStats(*(jnp.zeros(()) for _ in range(5))), step)
         if offline is None:
-            (seeds, stats, _), _ = jax.lax.scan(one_round, carry, None, length=rounds)
+            (seed, stats, _), _ = jax.lax.scan(one_round, carry, None, length=rounds)
         else:
             offline_rounds = config.iteration_steps // acfg.update_period
-            seeds, stats, _ = jax.lax.fori_loop(0, offline_rounds, lambda _, c: offline_round(c, *inputs), carry)
-        seeds, metrics = over_seeds(finish, seeds, stats)
+            seed, stats, _ = jax.lax.fori_loop(0, offline_rounds, lambda _, c: offline_round(c, *inputs), carry)
+        return finish(seed, stats)
+
+    def iterate(seeds: Any, step: jax.Array, *inputs: Any) -> tuple[Any, dict[str, jax.Array]]:
+        seeds, metrics = over_seeds(iterate_seed, seeds, None, step, *inputs)
         return seeds, layout.stack(metrics)
 
     def analyze_seed(seed: SeedState, key: jax.Array, *data: ReplayState) -> tuple[SeedState, dict]:
@@ -299,7 +298,10 @@ def make_trainer(config: TrainConfig, offline: OfflineData | None = None) -> Tra
 class SeedLayout(NamedTuple):
     """How one program holds S seeds. "vmap": one pytree with a leading seed axis, per-seed functions
     vmapped. "unroll": a tuple of S per-seed pytrees, each in its own buffers, per-seed functions called
-    once per seed, so XLA compiles S independent copies it can run side by side.
+    once per seed, so XLA compiles S independent copies it can run side by side. Over a whole iteration
+    that is S independent loops: on CPU each runs its seed's rounds back to back with that seed's weights
+    and optimizer state in cache, where one loop stepping every seed in each round streams all S seeds'
+    state through the cache every round (BENCHMARKS.md, compiled trainer throughput).
 
     init(fn, keys) -> states; stack(states) -> leaves (S, ...); unstack(stacked) -> states;
     over(fn, seeds, stats, *shared) applies fn(seed, stat, *shared) -> (seed, stat) to every seed (stats
