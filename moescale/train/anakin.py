@@ -226,6 +226,7 @@ def make_trainer(config: TrainConfig, offline: OfflineData | None = None) -> Tra
         def act_k(k: jax.Array, carry: tuple[SeedState, RoundStats]) -> tuple[SeedState, RoundStats]:
             return act_step(*carry, epsilon_schedule(step + k * num_envs, acfg))
 
+        # A loop, not a Python unroll of the K acting steps: one copy of the acting code keeps compiles short.
         seed, stats = jax.lax.fori_loop(0, act_steps, act_k, (seed, stats))
         new_step = step + config.steps_per_loop
         seed, stats = jax.lax.cond(new_step >= acfg.min_replay, lambda s, t: learn(s, t, new_step),
