@@ -12,13 +12,15 @@ import json
 import sys
 from pathlib import Path
 
-from moescale.config import DATASET_MODES, MOE_TYPES
+from moescale.config import DATASET_MODES, MOE_TYPES, TrainConfig
+
+DEFAULT_PRESET = "minatar-dqn"
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train an agent: JAX-native environments in one compiled program, Atari and "
                        "gym:<id> environments on host threads with a device learner")
-    p.add_argument("--preset", default="minatar-dqn", help="preset name (see `moescale presets`)")
+    p.add_argument("--preset", help=f"preset name (see `moescale presets`; default {DEFAULT_PRESET})")
     p.add_argument("--env", help="environment, e.g. Breakout-MinAtar, CartPole-v1 (compiled trainer); Pong, a game "
                    "list (atari20, atari100k, atari57) or gym:<id> (host trainer)")
     p.add_argument("--moe", choices=MOE_TYPES, help="penultimate layer")
@@ -30,7 +32,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="override any config field, e.g. --set agent.learning_rate=1e-4 --set network.k=2")
     p.add_argument("--out", type=Path, help="run directory")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR from its last checkpoint")
+                   help="continue the run in RUN_DIR from its last checkpoint, with its stored config (--steps "
+                        "may raise its budget)")
     p.add_argument("--force", action="store_true", help="replace whatever --out holds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--record-dataset", action="store_true",
@@ -58,7 +61,7 @@ def parse_fraction(text: str) -> float:
 def _build_config(args: argparse.Namespace):
     from moescale.presets import apply_overrides, fit_iteration_to_steps, get_preset
 
-    config = get_preset(args.preset)
+    config = get_preset(args.preset or DEFAULT_PRESET)
     sets = []
     if args.env:
         sets.append(f"env={args.env}")
@@ -80,8 +83,7 @@ def _build_config(args: argparse.Namespace):
         sets.append(f"dataset_subset={parse_fraction(args.subset)!r}")
     if args.subset_mode is not None:
         sets.append(f"dataset_mode={args.subset_mode}")
-    config = apply_overrides(config, sets + args.set)
-    return config if args.resume is not None else fit_iteration_to_steps(config, args.set)
+    return fit_iteration_to_steps(apply_overrides(config, sets + args.set), args.set)
 
 
 def whole_iterations_note(config) -> str | None:
@@ -93,16 +95,46 @@ def whole_iterations_note(config) -> str | None:
             f"trains whole iterations: {trained} steps per seed")
 
 
+RESUME_CONFLICTS = ("preset", "env", "moe", "experts", "seeds", "set", "out", "force", "dataset", "subset",
+                    "subset_mode")
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """`moescale train --resume RUN_DIR [--steps N]`: the run goes on with its stored config, its budget raised to
+    N agent steps per seed when --steps is given."""
+    from moescale.train.run import RunError, raise_budget, train
+
+    given = [f"--{name.replace('_', '-')}" for name in RESUME_CONFLICTS
+             if getattr(args, name) not in (None, False, [])]
+    if given:
+        raise ValueError(f"--resume: the run goes on with its stored config; {', '.join(given)} cannot change it "
+                         "(only --steps, to raise its budget)")
+    try:
+        if args.steps is not None:
+            note = whole_iterations_note(raise_budget(args.resume, args.steps))
+            if note:
+                print(f"moescale train: {note}", file=sys.stderr)
+        summary = train(TrainConfig(), args.resume, resume=True, progress=not args.no_progress,
+                        record_dataset=args.record_dataset)
+    except RunError as e:
+        print(f"moescale train: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from moescale.envs import ENV_NAMES, make_env
     from moescale.envs.host import check_host_env_name, check_host_network
     from moescale.presets import OFFLINE_PRESETS
     from moescale.train.run import RunError, train
 
-    if args.resume is None and args.out is None:
+    if args.resume is not None:
+        return _resume(args)
+    if args.out is None:
         raise ValueError("--out: required (or --resume RUN_DIR)")
     config = _build_config(args)
-    if config.preset in OFFLINE_PRESETS and config.dataset is None and args.resume is None:
+    if config.preset in OFFLINE_PRESETS and config.dataset is None:
         raise ValueError(f"--dataset: preset {config.preset} trains offline; give --dataset PATH (a recorded "
                          "dataset, e.g. RUN_DIR/dataset from --record-dataset)")
     # An unknown environment fails before any work.
@@ -111,22 +143,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         check_host_env_name(config.env)
         check_host_network(config.env, config.network, config.sticky_prob)
-    out = args.resume if args.resume is not None else args.out
-    note = whole_iterations_note(config) if args.resume is None else None
+    note = whole_iterations_note(config)
     if note:
         print(f"moescale train: {note}", file=sys.stderr)
     try:
-        summary = train(config, out, resume=args.resume is not None, force=args.force,
-                        progress=not args.no_progress, record_dataset=args.record_dataset)
+        summary = train(config, args.out, force=args.force, progress=not args.no_progress,
+                        record_dataset=args.record_dataset)
     except RunError as e:
         print(f"moescale train: {e}", file=sys.stderr)
         return 2
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    """The main fields of a run's summary, as JSON on stdout."""
     keys = ("env", "moe", "experts", "seeds", "agent_steps", "mean_final_eval_return", "agent_steps_per_second",
             "compile_seconds", "wall_seconds")
     if summary["offline"] is not None:
         keys += ("offline",)
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
-    return 0
 
 
 def cmd_presets(_: argparse.Namespace) -> int:

@@ -37,6 +37,14 @@ class TestBadInput:
     def test_resume_without_checkpoint(self, capsys, tmp_path):
         code, err = run_cli(capsys, "train", "--resume", str(tmp_path))
         assert code == 2 and "no checkpoint" in err
+        code, err = run_cli(capsys, "train", "--resume", str(tmp_path), "--steps", "50000")
+        assert code == 2 and "no checkpoint" in err and not any(tmp_path.iterdir())
+
+    def test_resume_takes_the_stored_config(self, capsys, tmp_path):
+        # Flags that would change the run are refused, not silently dropped; --steps alone may come with it.
+        code, err = run_cli(capsys, "train", "--resume", str(tmp_path), "--env", "Pong", "--set", "seeds=2")
+        assert code == 2 and len(err.splitlines()) == 1
+        assert "--env, --set cannot change it" in err and "only --steps" in err
 
     def test_presets_lists_one_line_each(self, capsys):
         assert main(["presets"]) == 0
@@ -76,4 +84,3 @@ class TestSteps:
         assert (long.iteration_steps, long.iterations) == (50_000, 3)
         assert "not a multiple of iteration_steps=50000" in whole_iterations_note(long)
         assert "150000 steps per seed" in whole_iterations_note(long)
-        assert self.config(steps=12_000, resume="runs/x").iteration_steps == 50_000  # a resumed run keeps its own

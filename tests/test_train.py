@@ -221,6 +221,16 @@ class TestKilled:
         assert killed["final_eval_return"] == reference["final_eval_return"]
         assert metrics(tmp_path / "killed") == metrics(tmp_path / "reference")
 
+        # A finished run with half the budget, its budget raised on resume, ends as the longer run.
+        short = tmp_path / "short"
+        train(apply_overrides(get_preset("classic-dqn"), [*sets, "steps=10000"]), short, progress=False)
+        config_before = (short / "config.yaml").read_text()
+        assert main(["train", "--resume", str(short), "--steps", "5000", "--no-progress"]) == 2  # cannot shorten
+        assert (short / "config.yaml").read_text() == config_before
+        assert main(["train", "--resume", str(short), "--steps", "20000", "--no-progress"]) == 0
+        assert metrics(short) == metrics(tmp_path / "reference")
+        assert json.loads((short / "summary.json").read_text())["final_eval_return"] == reference["final_eval_return"]
+
 
 class TestGuards:
     def test_non_finite_stops_with_the_iteration_and_keeps_the_last_good_checkpoint(self, tmp_path):

@@ -56,6 +56,31 @@ def load_run_config(out: Path) -> TrainConfig:
     return TrainConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text()))
 
 
+def raise_budget(out: Path, steps: int) -> TrainConfig:
+    """Raise the budget of the run in `out` to `steps` agent steps per seed (`--resume RUN_DIR --steps N`) by
+    rewriting its config.yaml; nothing else of the run changes, so it goes on as a run started with `steps`
+    would have. The run must have a checkpoint; a game list is extended one game directory at a time."""
+    from moescale.envs.host import GAME_LISTS
+    from moescale.presets import apply_overrides
+
+    if not (out / "config.yaml").exists() or latest_checkpoint(out / "checkpoints") is None:
+        raise RunError(f"--resume {out}: no checkpoint there to resume from")
+    stored = load_run_config(out)
+    if stored.env in GAME_LISTS:
+        raise RunError(f"--steps: {out} holds the game list {stored.env}; extend each game's directory in it "
+                       f"(--resume {out}/GAME --steps N)")
+    if steps < stored.steps:
+        raise RunError(f"--steps={steps}: below the run's steps={stored.steps}; a resumed run can only go on")
+    if steps == stored.steps:
+        return stored
+    try:
+        config = apply_overrides(stored, [f"steps={steps}"])
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    _write_atomic(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return config
+
+
 def newest_transitions(trainer: Any, num: int, states: Any) -> Transition:
     """The num transitions each seed wrote last, oldest first: leaves (S, num, ...)."""
 
@@ -128,7 +153,8 @@ def _write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
 
 def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = False,
           progress: bool = True, record_dataset: bool = False) -> dict[str, Any]:
-    """Run (or resume) a training run into `out` and return its summary.
+    """Run (or resume) a training run into `out` and return its summary. A resumed run goes on with the config
+    stored in `out` (`config` is not used then).
 
     record_dataset: also write every transition the run collects to out/dataset (moescale.data format),
     one chunk per seed per iteration, closed when the run finishes. Resuming a run that records goes on
@@ -139,9 +165,10 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
     out = Path(out)
     from moescale.envs.host import is_host_env
 
-    stored = load_run_config(out) if resume and (out / "config.yaml").exists() else None
-    if is_host_env((stored or config).env):  # a resumed run goes on with its own config
-        return _train_on_host(stored or config, out, resume, force, progress, record_dataset)
+    if resume and (out / "config.yaml").exists():
+        config = load_run_config(out)
+    if is_host_env(config.env):
+        return _train_on_host(config, out, resume, force, progress, record_dataset)
     record_dataset = record_dataset or (resume and (out / "dataset" / "dataset.json").exists())
     if record_dataset:
         if config.dataset is not None:
