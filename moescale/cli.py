@@ -99,38 +99,29 @@ RESUME_CONFLICTS = ("preset", "env", "moe", "experts", "seeds", "set", "out", "f
                     "subset_mode")
 
 
-def _resume(args: argparse.Namespace) -> int:
+def _resume(args: argparse.Namespace) -> dict:
     """`moescale train --resume RUN_DIR [--steps N]`: the run goes on with its stored config, its budget raised to
-    N agent steps per seed when --steps is given."""
-    from moescale.train.run import RunError, raise_budget, train
+    N agent steps per seed when --steps is given. Returns its summary."""
+    from moescale.train.run import raise_budget, train
 
     given = [f"--{name.replace('_', '-')}" for name in RESUME_CONFLICTS
              if getattr(args, name) not in (None, False, [])]
     if given:
         raise ValueError(f"--resume: the run goes on with its stored config; {', '.join(given)} cannot change it "
                          "(only --steps, to raise its budget)")
-    try:
-        if args.steps is not None:
-            note = whole_iterations_note(raise_budget(args.resume, args.steps))
-            if note:
-                print(f"moescale train: {note}", file=sys.stderr)
-        summary = train(TrainConfig(), args.resume, resume=True, progress=not args.no_progress,
-                        record_dataset=args.record_dataset)
-    except RunError as e:
-        print(f"moescale train: {e}", file=sys.stderr)
-        return 2
-    print_summary(summary)
-    return 0
+    if args.steps is not None:
+        _say_whole_iterations(raise_budget(args.resume, args.steps))
+    return train(TrainConfig(), args.resume, resume=True, progress=not args.no_progress,
+                 record_dataset=args.record_dataset)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _new_run(args: argparse.Namespace) -> dict:
+    """`moescale train --out RUN_DIR ...`: a new run of the config the flags give. Returns its summary."""
     from moescale.envs import ENV_NAMES, make_env
     from moescale.envs.host import check_host_env_name, check_host_network
     from moescale.presets import OFFLINE_PRESETS
-    from moescale.train.run import RunError, train
+    from moescale.train.run import train
 
-    if args.resume is not None:
-        return _resume(args)
     if args.out is None:
         raise ValueError("--out: required (or --resume RUN_DIR)")
     config = _build_config(args)
@@ -143,12 +134,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         check_host_env_name(config.env)
         check_host_network(config.env, config.network, config.sticky_prob)
+    _say_whole_iterations(config)
+    return train(config, args.out, force=args.force, progress=not args.no_progress,
+                 record_dataset=args.record_dataset)
+
+
+def _say_whole_iterations(config) -> None:
     note = whole_iterations_note(config)
     if note:
         print(f"moescale train: {note}", file=sys.stderr)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from moescale.train.run import RunError
+
     try:
-        summary = train(config, args.out, force=args.force, progress=not args.no_progress,
-                        record_dataset=args.record_dataset)
+        summary = _resume(args) if args.resume is not None else _new_run(args)
     except RunError as e:
         print(f"moescale train: {e}", file=sys.stderr)
         return 2
