@@ -2,15 +2,16 @@
 Breakout-MinAtar, dense vs Soft MoE-4, 1 and 8 seeds in one program, both seed layouts, 1 or more environments
 per seed (the replay ratio stays the preset's: with 4 environments, one update per acting step).
 
-Each compiled configuration is compiled, run past min_replay (so every timed round learns), then timed over
---repeats iterations of --iteration-steps agent steps per seed; the table gives the median rate over all
-seeds together, compilation excluded. The host loop (benchmarks/host_loop.py: numpy MinAtar, jitted act and
-update, one seed) is timed over the same number of learning steps. "standalone-update rate" is update_period /
+Each compiled configuration is compiled and run past min_replay (so every timed round learns), and so is the
+host loop (benchmarks/host_loop.py: numpy MinAtar, jitted act and update, one seed). Then, per layer, all of them
+take turns for --repeats rounds, each timing --iteration-steps agent steps per seed once a round, so a slow spell
+of the machine hits all alike; the table gives the median rate over all seeds together, compilation
+excluded. "standalone-update rate" is update_period /
 (median time of one jitted update call, batch 32), for all seeds together, since S seeds need S times the
 updates: what a loop would reach if acting, stepping and storing were free and an update cost what a standalone
 call does. It is no strict bound: a call allocates new state buffers, where the compiled loop updates them in
 place. `--conv lax,matmul` times every compiled run with each encoder convolution (network.conv: lax's
-convolution, or a matmul over patches) side by side: their programs, and their updates, are timed in turns.
+convolution, or a matmul over patches) side by side; their updates are timed in turns too.
 
     python benchmarks/throughput.py --repeats 3 --write BENCHMARKS.md
 """
@@ -32,7 +33,7 @@ from moescale.study.runner import update_seconds
 from moescale.train.anakin import make_trainer, seed_keys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from host_loop import host_loop_sps  # noqa: E402
+from host_loop import HostLoop  # noqa: E402
 from layer_step import section_text, write_section  # noqa: E402
 
 ARCHS = {"dense": ["network.moe=dense"], "softmoe-4": ["network.moe=softmoe", "network.num_experts=4"]}
@@ -78,27 +79,43 @@ def warmed_trainer(arch: str, seeds: int, layout: str, iteration_steps: int, tim
     return run, states, step, trainer, compile_s
 
 
-def compiled_sps(arch: str, seeds: int, layout: str, envs: int, iteration_steps: int, repeats: int,
-                 convs: list[str]) -> list[dict]:
-    """Compile time and median agent steps/s (all seeds) of one compiled configuration per encoder convolution.
-    The convolutions' programs take turns, one timed iteration each per round, so a slow spell of the machine
-    hits all alike."""
-    keys = ("run", "states", "step", "trainer", "compile_s")
-    warmed = {conv: dict(zip(keys, warmed_trainer(arch, seeds, layout, iteration_steps, repeats,
-                                                  (f"num_envs={envs}", f"network.conv={conv}")), strict=True))
-              for conv in convs}
-    rates: dict[str, list[float]] = {conv: [] for conv in convs}
+def timed_rows(arch: str, runs: list[tuple[int, str, int]], convs: list[str], iteration_steps: int,
+               repeats: int) -> list[dict]:
+    """Median agent steps/s (all seeds) and compile time of the host loop and of every compiled configuration
+    of one arch, one row per (run, convolution). All are warmed up first, then they take turns, one timed
+    iteration of `iteration_steps` agent steps per seed each per round, so a slow spell of the machine hits
+    all alike."""
+    host = HostLoop(apply_overrides(get_preset("minatar-dqn"), ARCHS[arch]))  # the usual way: lax's convolution
+    host.warm_up()
+    rows = [{"loop": "host loop (reference)", "arch": arch, "seeds": 1, "envs": 1, "conv": "lax",
+             "compile_s": None, "time": lambda: host.sps(iteration_steps), "rates": []}]
+    for seeds, layout, envs in runs:
+        for conv in convs:
+            run, states, step, trainer, compile_s = warmed_trainer(
+                arch, seeds, layout, iteration_steps, repeats, (f"num_envs={envs}", f"network.conv={conv}"))
+            timer = _timer(run, states, step, iteration_steps, seeds)
+            rows.append({"loop": f"compiled, {trainer.layout.name}", "arch": arch, "seeds": seeds, "envs": envs,
+                         "conv": conv, "compile_s": compile_s, "time": timer, "rates": []})
     for _ in range(repeats):
-        for conv, w in warmed.items():
-            jax.block_until_ready(w["states"])
-            t0 = time.perf_counter()
-            w["states"], metrics = w["run"](w["states"], jnp.int32(w["step"]))
-            jax.block_until_ready(metrics)
-            rates[conv].append(iteration_steps * seeds / (time.perf_counter() - t0))
-            w["step"] += iteration_steps
-    return [{"loop": f"compiled, {w['trainer'].layout.name}", "arch": arch, "seeds": seeds, "envs": envs,
-             "conv": conv, "sps": statistics.median(rates[conv]), "compile_s": w["compile_s"]}
-            for conv, w in warmed.items()]
+        for row in rows:
+            row["rates"].append(row["time"]())
+    return [{**{k: v for k, v in row.items() if k not in ("time", "rates")}, "sps": statistics.median(row["rates"])}
+            for row in rows]
+
+
+def _timer(run, states, step: int, iteration_steps: int, seeds: int):
+    """A function timing the next iteration of a warmed compiled program: agent steps/s over all seeds."""
+    carry = {"states": states, "step": step}
+
+    def time_one() -> float:
+        jax.block_until_ready(carry["states"])
+        t0 = time.perf_counter()
+        carry["states"], metrics = run(carry["states"], jnp.int32(carry["step"]))
+        jax.block_until_ready(metrics)
+        carry["step"] += iteration_steps
+        return iteration_steps * seeds / (time.perf_counter() - t0)
+
+    return time_one
 
 
 def update_ms(arch: str, convs: list[str], rounds: int = 5, repeats: int = 20) -> dict[str, float]:
@@ -143,14 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| layer | conv | loop | seeds | envs per seed | agent steps/s (all seeds, median) | vs host loop "
              "| standalone-update rate | compile s |", "|---|---|---|---|---|---|---|---|---|"]
     for arch in ARCHS:
-        config = apply_overrides(get_preset("minatar-dqn"), ARCHS[arch])
-        host = host_loop_sps(config, args.iteration_steps * args.repeats)  # the usual way: lax's convolution
-        update_rates = {conv: config.agent.update_period / (ms / 1e3)
+        update_rates = {conv: get_preset("minatar-dqn").agent.update_period / (ms / 1e3)
                         for conv, ms in update_ms(arch, list(dict.fromkeys(["lax", *convs]))).items()}
-        rows = [{"loop": "host loop (reference)", "arch": arch, "seeds": 1, "envs": 1, "conv": "lax", "sps": host,
-                 "compile_s": None}]
-        for s, layout, envs in runs:
-            rows += compiled_sps(arch, s, layout, envs, args.iteration_steps, args.repeats, convs)
+        rows = timed_rows(arch, runs, convs, args.iteration_steps, args.repeats)
+        host = rows[0]["sps"]
         for r in rows:
             compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
             lines.append(f"| {arch} | {r['conv']} | {r['loop']} | {r['seeds']} | {r['envs']} | {r['sps']:,.0f} | "
@@ -161,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         title += f", {jax.default_backend().upper()}"
     text = section_text(title, "throughput.py", argv,
                         f"median of {args.repeats} timed iterations of {args.iteration_steps} agent steps per seed "
-                        f"after min_replay (host loop: {args.iteration_steps * args.repeats} steps after min_replay).",
+                        "after min_replay, every configuration of a layer (host loop included) timed in turns.",
                         "\n".join(lines))
     print(text)
     if args.write:
