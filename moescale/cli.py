@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from moescale.config import DATASET_MODES, MOE_TYPES, TrainConfig
+from moescale.config import DATASET_MODES, MOE_TYPES
 
 DEFAULT_PRESET = "minatar-dqn"
 
@@ -111,7 +111,7 @@ def _resume(args: argparse.Namespace) -> dict:
                          "(only --steps, to raise its budget)")
     if args.steps is not None:
         _say_whole_iterations(raise_budget(args.resume, args.steps))
-    return train(TrainConfig(), args.resume, resume=True, progress=not args.no_progress,
+    return train(None, args.resume, resume=True, progress=not args.no_progress,
                  record_dataset=args.record_dataset)
 
 

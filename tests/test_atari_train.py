@@ -137,9 +137,9 @@ def test_a_game_list_runs_every_game_into_one_summary(tmp_path, monkeypatch):
     scores = [v for g in summary["games"].values() for v in g["final_human_normalized"]]
     assert summary["iqm_human_normalized"] == pytest.approx(np.mean(scores))  # IQM of 2 values: their mean
     assert json.loads((tmp_path / "list" / "summary.json").read_text())["env"] == "pair"
-    # Resuming (with the CLI's default config, as `--resume` passes it) goes on from the stored config and
-    # skips the finished games.
-    again = train(get_preset("minatar-dqn"), tmp_path / "list", resume=True, progress=False)
+    # Resuming (with no config, as `--resume` passes it) goes on from the stored config and skips the finished
+    # games.
+    again = train(None, tmp_path / "list", resume=True, progress=False)
     assert again["games"] == summary["games"]
 
 

@@ -71,6 +71,13 @@ def finished(tmp_path_factory):
 
 
 class TestRunDirectory:
+    def test_only_a_resumed_run_may_come_without_config(self, tmp_path):
+        with pytest.raises(TypeError, match="needs its config"):
+            train(None, tmp_path / "new", progress=False)
+        with pytest.raises(RunError, match="no checkpoint"):
+            train(None, tmp_path / "none", resume=True, progress=False)
+        assert not any(tmp_path.iterdir())
+
     def test_outputs(self, finished):
         out, summary = finished
         for key in ("env", "preset", "moe", "experts", "seeds", "agent_steps", "final_eval_return",
@@ -95,7 +102,7 @@ class TestRunDirectory:
         shutil.copytree(out, copy)
         shutil.rmtree(copy / "checkpoints" / "ckpt_00000002")  # as if killed before the last checkpoint
         (copy / "summary.json").unlink()
-        resumed = train(TrainConfig(), copy, resume=True, progress=False)  # the config comes from the run dir
+        resumed = train(None, copy, resume=True, progress=False)  # the config comes from the run dir
         assert resumed["final_eval_return"] == summary["final_eval_return"]
         assert metrics(copy) == metrics(out)
 

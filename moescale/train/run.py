@@ -93,12 +93,16 @@ def newest_transitions(trainer: Any, num: int, states: Any) -> Transition:
     return trainer.layout.stack(trainer.layout.over(take, states, None)[1])
 
 
+def _no_checkpoint(out: Path) -> RunError:
+    return RunError(f"--resume {out}: no checkpoint there to resume from")
+
+
 def prepare_run_dir(config: TrainConfig, out: Path, resume: bool, force: bool) -> TrainConfig:
     """Validate the output directory against the request and return the config to run."""
     has_run = (out / "config.yaml").exists()
     if resume:
         if not has_run or latest_checkpoint(out / "checkpoints") is None:
-            raise RunError(f"--resume {out}: no checkpoint there to resume from")
+            raise _no_checkpoint(out)
         return load_run_config(out)
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -151,10 +155,10 @@ def _write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
     (out / "metrics.parquet.tmp").replace(out / "metrics.parquet")
 
 
-def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = False,
+def train(config: TrainConfig | None, out: Path, resume: bool = False, force: bool = False,
           progress: bool = True, record_dataset: bool = False) -> dict[str, Any]:
     """Run (or resume) a training run into `out` and return its summary. A resumed run goes on with the config
-    stored in `out` (`config` is not used then).
+    stored in `out`: pass config=None (a config given is not used then).
 
     record_dataset: also write every transition the run collects to out/dataset (moescale.data format),
     one chunk per seed per iteration, closed when the run finishes. Resuming a run that records goes on
@@ -167,6 +171,10 @@ def train(config: TrainConfig, out: Path, resume: bool = False, force: bool = Fa
 
     if resume and (out / "config.yaml").exists():
         config = load_run_config(out)
+    elif config is None:
+        if resume:
+            raise _no_checkpoint(out)
+        raise TypeError("train: a new run needs its config")
     if is_host_env(config.env):
         return _train_on_host(config, out, resume, force, progress, record_dataset)
     record_dataset = record_dataset or (resume and (out / "dataset" / "dataset.json").exists())
