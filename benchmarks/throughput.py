@@ -2,16 +2,16 @@
 Breakout-MinAtar, dense vs Soft MoE-4, 1 and 8 seeds in one program, both seed layouts, 1 or more environments
 per seed (the replay ratio stays the preset's: with 4 environments, one update per acting step).
 
-Each compiled configuration is compiled and run past min_replay (so every timed round learns), and so is the
-host loop (benchmarks/host_loop.py: numpy MinAtar, jitted act and update, one seed). Then, per layer, all of them
-take turns for --repeats rounds, each timing --iteration-steps agent steps per seed once a round, so a slow spell
-of the machine hits all alike; the table gives the median rate over all seeds together, compilation
-excluded. "standalone-update rate" is update_period /
-(median time of one jitted update call, batch 32), for all seeds together, since S seeds need S times the
-updates: what a loop would reach if acting, stepping and storing were free and an update cost what a standalone
-call does. It is no strict bound: a call allocates new state buffers, where the compiled loop updates them in
-place. `--conv lax,matmul` times every compiled run with each encoder convolution (network.conv: lax's
-convolution, or a matmul over patches) side by side; their updates are timed in turns too.
+Each compiled configuration is compiled and run past min_replay (so every timed round learns), and so is the host
+loop (benchmarks/host_loop.py: numpy MinAtar, jitted act and update, one seed). Then, per layer, all of them take
+turns for --repeats rounds, each timing --iteration-steps agent steps per seed once a round, so a slow spell of the
+machine hits all alike; the table gives the median rate over all seeds together, compilation excluded. "standalone-update
+rate" is update_period / (median time of one jitted update call, batch 32), for all seeds together, since S
+seeds need S times the updates: what a loop would reach if acting, stepping and storing were free and an update
+cost what a standalone call does (the state donated, so updated in place as in a loop). It is no strict bound: a
+compiled loop can overlap or fuse work across calls. `--conv lax,matmul` times every compiled run with each encoder
+convolution (network.conv: lax's convolution, or a matmul over patches) side by side; their updates are timed in
+turns too.
 
     python benchmarks/throughput.py --repeats 3 --write BENCHMARKS.md
 """
