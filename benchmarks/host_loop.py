@@ -88,9 +88,10 @@ class HostLoop:
         self.step += steps
 
     def warm_up(self) -> None:
-        """Act and store until replay holds min_replay transitions, so every later step learns on schedule."""
+        """Act and store until replay holds min_replay transitions, so every later step learns on schedule, and
+        compile the greedy forward (random acting may not have called it yet)."""
         self.advance(max(0, self.acfg.min_replay - self.step))
-        jax.block_until_ready(self.state)
+        jax.block_until_ready((self.state, self.greedy(self.state.params, self.obs)))
 
     def sps(self, steps: int) -> float:
         """Agent steps/s over `steps` more steps, the last update included."""

@@ -2,16 +2,19 @@
 Breakout-MinAtar, dense vs Soft MoE-4, 1 and 8 seeds in one program, both seed layouts, 1 or more environments
 per seed (the replay ratio stays the preset's: with 4 environments, one update per acting step).
 
-Each compiled configuration is compiled and run past min_replay (so every timed round learns), and so is the host
-loop (benchmarks/host_loop.py: numpy MinAtar, jitted act and update, one seed). Then, per layer, all of them take
+Each compiled configuration is compiled and run past min_replay (so every timed round learns), and so are the host
+loops (benchmarks/host_loop.py: numpy MinAtar, jitted act and update, one seed). Then, per layer, all of them take
 turns for --repeats rounds, each timing --iteration-steps agent steps per seed once a round, so a slow spell of the
-machine hits all alike; the table gives the median rate over all seeds together, compilation excluded. "standalone-update
-rate" is update_period / (median time of one jitted update call, batch 32), for all seeds together, since S
-seeds need S times the updates: what a loop would reach if acting, stepping and storing were free and an update
-cost what a standalone call does (the state donated, so updated in place as in a loop). It is no strict bound: a
-compiled loop can overlap or fuse work across calls. `--conv lax,matmul` times every compiled run with each encoder
-convolution (network.conv: lax's convolution, or a matmul over patches) side by side; their updates are timed in
-turns too.
+machine hits all alike; the table gives the median rate over all seeds together, compilation excluded. Every loop
+acts at the preset's final epsilon (0.01, agent.eps_decay_steps=1), as in 97.5% of its 10M-step budget; the row
+"host loop, early epsilon" follows the preset's schedule instead, which just after min_replay still acts at random
+in ~98% of steps and so skips most forward passes (the compiled act computes the forward at every epsilon).
+"standalone-update rate" is update_period / (median time of one jitted update call, batch 32), for all seeds
+together, since S seeds need S times the updates: what a loop would reach if acting, stepping and storing were free
+and an update cost what a standalone call does (the state donated, so updated in place as in a loop). It is no
+strict bound: a compiled loop can overlap or fuse work across calls. `--conv lax,matmul` times every compiled run
+with each encoder convolution (network.conv: lax's convolution, or a matmul over patches) side by side; their
+updates are timed in turns too.
 
     python benchmarks/throughput.py --repeats 3 --write BENCHMARKS.md
 """
@@ -19,6 +22,7 @@ turns too.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -37,6 +41,10 @@ from host_loop import HostLoop  # noqa: E402
 from layer_step import section_text, write_section  # noqa: E402
 
 ARCHS = {"dense": ["network.moe=dense"], "softmoe-4": ["network.moe=softmoe", "network.num_experts=4"]}
+# Every loop is timed acting at the preset's final epsilon (0.01), where 97.5% of its 10M-step budget runs: the
+# schedule would otherwise still be near 1 just after min_replay, and a host loop that acts at random skips the
+# forward pass the trained agent pays each step. The compiled act computes the forward either way.
+DECAYED = ["agent.eps_decay_steps=1"]
 # seeds:seed_layout[:envs per seed], the CPU comparison; on a GPU: 1:auto,8:vmap,16:vmap,16:vmap:4
 RUNS = "1:auto,8:vmap,8:unroll"
 
@@ -63,9 +71,9 @@ def warmed_trainer(arch: str, seeds: int, layout: str, iteration_steps: int, tim
     sets: further `key=value` overrides (e.g. num_envs=4), applied last.
     """
     warm_up = -(-get_preset("minatar-dqn").agent.min_replay // iteration_steps)  # iterations to reach min_replay
-    overrides = ARCHS[arch] + [f"seeds={seeds}", f"seed_layout={layout}", f"iteration_steps={iteration_steps}",
-                               "eval_episodes=1", "eval_max_steps=1", f"steps={iteration_steps * (warm_up + timed)}",
-                               *sets]
+    overrides = [*ARCHS[arch], *DECAYED, f"seeds={seeds}", f"seed_layout={layout}",
+                 f"iteration_steps={iteration_steps}", "eval_episodes=1", "eval_max_steps=1",
+                 f"steps={iteration_steps * (warm_up + timed)}", *sets]
     config = apply_overrides(get_preset("minatar-dqn"), overrides)
     trainer = make_trainer(config)
     states = trainer.init(seed_keys(config))
@@ -85,10 +93,12 @@ def timed_rows(arch: str, runs: list[tuple[int, str, int]], convs: list[str], it
     of one arch, one row per (run, convolution). All are warmed up first, then they take turns, one timed
     iteration of `iteration_steps` agent steps per seed each per round, so a slow spell of the machine hits
     all alike."""
-    host = HostLoop(apply_overrides(get_preset("minatar-dqn"), ARCHS[arch]))  # the usual way: lax's convolution
-    host.warm_up()
-    rows = [{"loop": "host loop (reference)", "arch": arch, "seeds": 1, "envs": 1, "conv": "lax",
-             "compile_s": None, "time": lambda: host.sps(iteration_steps), "rates": []}]
+    rows = []
+    for loop, sets in (("host loop (reference)", DECAYED), ("host loop, early epsilon", [])):
+        host = HostLoop(apply_overrides(get_preset("minatar-dqn"), ARCHS[arch] + sets))  # lax's convolution
+        host.warm_up()
+        rows.append({"loop": loop, "arch": arch, "seeds": 1, "envs": 1, "conv": "lax", "compile_s": None,
+                     "time": functools.partial(host.sps, iteration_steps), "rates": []})
     for seeds, layout, envs in runs:
         for conv in convs:
             run, states, step, trainer, compile_s = warmed_trainer(
@@ -174,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         title += f", {jax.default_backend().upper()}"
     text = section_text(title, "throughput.py", argv,
                         f"median of {args.repeats} timed iterations of {args.iteration_steps} agent steps per seed "
-                        "after min_replay, every configuration of a layer (host loop included) timed in turns.",
+                        "after min_replay, every configuration of a layer (host loops included) timed in turns, "
+                        "acting at epsilon 0.01 unless the row says otherwise.",
                         "\n".join(lines))
     print(text)
     if args.write:
