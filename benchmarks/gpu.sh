@@ -78,7 +78,7 @@ case $part in
     done 2>&1 | tee "$out/profile.txt"
     ;;
   throughput)
-    python3 benchmarks/throughput.py --repeats 3 --iteration-steps 8000 --runs 1:auto,16:vmap,16:vmap:4 \
+    python3 benchmarks/throughput.py --repeats 3 --iteration-steps 4000 --runs 1:auto,16:vmap,16:vmap:4 \
       --conv lax,matmul --write BENCHMARKS.md 2>&1 | tee "$out/throughput.txt"
     cp BENCHMARKS.md "$out/"
     ;;
