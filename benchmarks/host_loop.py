@@ -7,6 +7,9 @@ target_update_period steps it syncs the target. Same network, agent functions, b
 as the compiled trainer, so the two differ only in how the loop is driven.
 
     python benchmarks/host_loop.py --steps 4000     # prints agent steps/s of the timed steps
+
+The timed steps follow the preset's epsilon schedule from min_replay, so they act mostly at random; `--set
+agent.eps_decay_steps=1` times them at the final epsilon, as benchmarks/throughput.py does.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def warmed_trainer(arch: str, seeds: int, layout: str, iteration_steps: int, tim
 
 def timed_rows(arch: str, runs: list[tuple[int, str, int]], convs: list[str], iteration_steps: int,
                repeats: int) -> list[dict]:
-    """Median agent steps/s (all seeds) and compile time of the host loop and of every compiled configuration
+    """Median agent steps/s (all seeds) and compile time of the host loops and of every compiled configuration
     of one arch, one row per (run, convolution). All are warmed up first, then they take turns, one timed
     iteration of `iteration_steps` agent steps per seed each per round, so a slow spell of the machine hits
     all alike."""
