@@ -63,9 +63,7 @@ def raise_budget(out: Path, steps: int) -> TrainConfig:
     from moescale.envs.host import GAME_LISTS
     from moescale.presets import apply_overrides
 
-    if not (out / "config.yaml").exists() or latest_checkpoint(out / "checkpoints") is None:
-        raise RunError(f"--resume {out}: no checkpoint there to resume from")
-    stored = load_run_config(out)
+    stored = _resumable_config(out)
     if stored.env in GAME_LISTS:
         raise RunError(f"--steps: {out} holds the game list {stored.env}; extend each game's directory in it "
                        f"(--resume {out}/GAME --steps N)")
@@ -97,13 +95,18 @@ def _no_checkpoint(out: Path) -> RunError:
     return RunError(f"--resume {out}: no checkpoint there to resume from")
 
 
+def _resumable_config(out: Path) -> TrainConfig:
+    """The stored config of the run in `out`, which must have a checkpoint to resume from (else RunError)."""
+    if not (out / "config.yaml").exists() or latest_checkpoint(out / "checkpoints") is None:
+        raise _no_checkpoint(out)
+    return load_run_config(out)
+
+
 def prepare_run_dir(config: TrainConfig, out: Path, resume: bool, force: bool) -> TrainConfig:
     """Validate the output directory against the request and return the config to run."""
-    has_run = (out / "config.yaml").exists()
     if resume:
-        if not has_run or latest_checkpoint(out / "checkpoints") is None:
-            raise _no_checkpoint(out)
-        return load_run_config(out)
+        return _resumable_config(out)
+    has_run = (out / "config.yaml").exists()
     if out.exists() and any(out.iterdir()):
         if not force:
             what = "a run" if has_run else "other files"
