@@ -53,8 +53,19 @@ def last_steps(run_dir: Path) -> int:
 
 
 def layer_name(config: dict) -> str:
+    """"dense" (with " xW" for a width multiplier W > 1) or "MOE-E", then what sets the run apart from the
+    preset's Soft MoE: a tokenizer other than per_conv (per_patch with its patch size) and normalization."""
     net = config["network"]
-    return "dense" if net["moe"] == "dense" else f"{net['moe']}-{net['num_experts']}"
+    if net["moe"] == "dense":
+        width = net.get("width_multiplier", 1)
+        return "dense" if width == 1 else f"dense x{width}"
+    name = f"{net['moe']}-{net['num_experts']}"
+    tokenizer = net.get("tokenizer", "per_conv")
+    if tokenizer == "per_patch":
+        name += f" per_patch {net['patch_size']}x{net['patch_size']}"
+    elif tokenizer != "per_conv":
+        name += f" {tokenizer}"
+    return name + (" normalized" if net.get("normalize") else "")
 
 
 def cell(values: list[float], env: str) -> str:

@@ -78,6 +78,19 @@ class TestLearningTable:
         assert row == ("| minatar-dqn | Breakout-MinAtar | softmoe-4 | 2 | 4.0 ± 1.4 (3.0, 5.0) | "
                        "not reached (run ended at 200) |")
 
+    def test_layer_names_tell_tokenizers_widths_and_normalization_apart(self):
+        learning = _load("learning")
+
+        def name(**net):
+            return learning.layer_name({"network": net})
+
+        assert name(moe="dense", width_multiplier=1) == "dense" and name(moe="dense") == "dense"
+        assert name(moe="dense", width_multiplier=4) == "dense x4"
+        assert name(moe="softmoe", num_experts=4, tokenizer="per_conv") == "softmoe-4"
+        assert name(moe="softmoe", num_experts=4, tokenizer="per_feature") == "softmoe-4 per_feature"
+        assert name(moe="topk", num_experts=8, tokenizer="per_patch", patch_size=2) == "topk-8 per_patch 2x2"
+        assert name(moe="softmoe", num_experts=4, normalize=True) == "softmoe-4 normalized"
+
     def test_atari_cells_add_the_human_normalized_mean(self):
         learning = _load("learning")
         # Pong: random -20.7, human 14.6; mean of -19.0 and -20.0 is -19.5: (-19.5 + 20.7) / 35.3 = 0.034
