@@ -60,7 +60,7 @@ def layer_name(config: dict) -> str:
         width = net.get("width_multiplier", 1)
         return "dense" if width == 1 else f"dense x{width}"
     name = f"{net['moe']}-{net['num_experts']}"
-    tokenizer = net.get("tokenizer", "per_conv")
+    tokenizer = net.get("tokenizer") or "per_conv"  # None: the layer's default, per_conv for MoE layers
     if tokenizer == "per_patch":
         name += f" per_patch {net['patch_size']}x{net['patch_size']}"
     elif tokenizer != "per_conv":

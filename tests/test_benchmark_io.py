@@ -87,6 +87,7 @@ class TestLearningTable:
         assert name(moe="dense", width_multiplier=1) == "dense" and name(moe="dense") == "dense"
         assert name(moe="dense", width_multiplier=4) == "dense x4"
         assert name(moe="softmoe", num_experts=4, tokenizer="per_conv") == "softmoe-4"
+        assert name(moe="softmoe", num_experts=4, tokenizer=None) == "softmoe-4"  # a config's unset default
         assert name(moe="softmoe", num_experts=4, tokenizer="per_feature") == "softmoe-4 per_feature"
         assert name(moe="topk", num_experts=8, tokenizer="per_patch", patch_size=2) == "topk-8 per_patch 2x2"
         assert name(moe="softmoe", num_experts=4, normalize=True) == "softmoe-4 normalized"
