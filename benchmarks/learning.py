@@ -162,7 +162,8 @@ def cmd_table(args: argparse.Namespace) -> int:
         layers = dict.fromkeys(layer_name(c) for c in configs)
         window_text = f", averaged over the {args.window} iterations ending there" if args.window > 1 else ""
         evals = dict.fromkeys(f"{c['eval_episodes']} episodes, eps {c['agent']['eps_eval']}" for c in configs)
-        text = (f"## Learning: eval return at fixed budgets, {' vs '.join(layers)}\n\nCommand: `{command}`  \n"
+        title = args.title or f"Learning: eval return at fixed budgets, {' vs '.join(layers)}"
+        text = (f"## {title}\n\nCommand: `{command}`  \n"
                 f"Trained on: {args.trained_on or trained_on(args.run_dirs)}  \n"
                 f"Date: {datetime.date.today().isoformat()}. Eval return of each seed at the end of the iteration "
                 f"that reaches the budget{window_text} ({'; '.join(evals)}); mean ± sample standard deviation over "
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     table.add_argument("--window", type=int, default=1,
                        help="average each seed's eval return over this many iterations ending at the budget")
     table.add_argument("--section", default="learning", help="name of the section --write replaces")
+    table.add_argument("--title", default=None, help="section title (default: the budgets and the layers compared)")
     table.add_argument("--trained-on", default=None, help="device the runs trained on, for runs without summary.json")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]

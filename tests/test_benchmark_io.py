@@ -92,6 +92,24 @@ class TestLearningTable:
         assert name(moe="topk", num_experts=8, tokenizer="per_patch", patch_size=2) == "topk-8 per_patch 2x2"
         assert name(moe="softmoe", num_experts=4, normalize=True) == "softmoe-4 normalized"
 
+    def test_written_section_has_its_title_command_and_rows(self, tmp_path):
+        learning = _load("learning")
+        run = self._run(tmp_path, "a", {100: [1.0, 2.0], 200: [3.0, 5.0]})
+        (run / "config.yaml").write_text("preset: minatar-dqn\nenv: Breakout-MinAtar\nseeds: 2\neval_episodes: 8\n"
+                                         "network: {moe: softmoe, num_experts: 4, tokenizer: per_feature}\n"
+                                         "agent: {eps_eval: 0.001}\n")
+        out = tmp_path / "B.md"
+        for title in ([], ["--title", "Tokenizers"]):
+            argv = ["table", str(run), "--at", "200", "--window", "2", "--write", str(out), "--section", "t",
+                    "--trained-on", "cpu", *title]
+            assert learning.main(argv) == 0
+            lines = out.read_text().splitlines()
+            heading = "## Tokenizers" if title else "## Learning: eval return at fixed budgets, softmoe-4 per_feature"
+            assert heading in lines and sum(line.startswith("## ") for line in lines) == 1  # replaced, not added
+            assert f"Command: `python benchmarks/learning.py {' '.join(argv)}`  " in lines
+            # window 2 at 200 steps: seed 0 (1 + 3) / 2 = 2, seed 1 (2 + 5) / 2 = 3.5
+            assert "| minatar-dqn | Breakout-MinAtar | softmoe-4 per_feature | 2 | 2.8 ± 1.1 (2.0, 3.5) |" in lines
+
     def test_atari_cells_add_the_human_normalized_mean(self):
         learning = _load("learning")
         # Pong: random -20.7, human 14.6; mean of -19.0 and -20.0 is -19.5: (-19.5 + 20.7) / 35.3 = 0.034
