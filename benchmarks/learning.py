@@ -7,10 +7,13 @@ resumes: a finished triple (metrics reaching --steps) is skipped, one with a che
 stopped before its first checkpoint starts over.
 `table` reads the run directories' metrics.csv and prints the eval return at each budget: mean and sample
 standard deviation over seeds, then the seeds' values. A budget a run has not reached is reported as such.
+`analysis` prints, for runs that `moescale analyze` has measured, the metrics of their last analysed checkpoint
+(routing entropies against their uniform values, dead units, srank) next to token shapes, parameters and speed.
 
     python benchmarks/learning.py run --out runs/learning --steps 5000000 --seeds 3 \
         --presets minatar-dqn,minatar-rainbow
     python benchmarks/learning.py table runs/learning/* --at 1000000,5000000 --write BENCHMARKS.md
+    python benchmarks/learning.py analysis runs/learning/*
 """
 
 from __future__ import annotations
@@ -147,28 +150,79 @@ def trained_on(run_dirs: list[Path]) -> str:
     return ", ".join(sorted(names))
 
 
-def cmd_table(args: argparse.Namespace) -> int:
+def write_table(args: argparse.Namespace, title: str, how: str, lines: list[str]) -> None:
+    """Print the table; with --write, replace section --section of that file: title (--title wins), the exact
+    command, where the runs trained, the date with `how` the cells are made, then the table."""
     import datetime
 
     from layer_step import write_section
 
-    budgets = [int(s) for s in args.at.split(",")]
-    header = "| preset | env | layer | seeds | " + " | ".join(f"eval return at {b:,} steps" for b in budgets) + " |"
-    lines = [header, "|" + "---|" * (4 + len(budgets)), *table_rows(args.run_dirs, budgets, args.window)]
     print("\n".join(lines))
     if args.write:
         command = shlex.join(["python", "benchmarks/learning.py", *args.argv])
-        configs = [yaml.safe_load((d / "config.yaml").read_text()) for d in args.run_dirs]
-        layers = dict.fromkeys(layer_name(c) for c in configs)
-        window_text = f", averaged over the {args.window} iterations ending there" if args.window > 1 else ""
-        evals = dict.fromkeys(f"{c['eval_episodes']} episodes, eps {c['agent']['eps_eval']}" for c in configs)
-        title = args.title or f"Learning: eval return at fixed budgets, {' vs '.join(layers)}"
-        text = (f"## {title}\n\nCommand: `{command}`  \n"
+        text = (f"## {args.title or title}\n\nCommand: `{command}`  \n"
                 f"Trained on: {args.trained_on or trained_on(args.run_dirs)}  \n"
-                f"Date: {datetime.date.today().isoformat()}. Eval return of each seed at the end of the iteration "
-                f"that reaches the budget{window_text} ({'; '.join(evals)}); mean ± sample standard deviation over "
-                "seeds, then each seed's value (Atari: then the human-normalized mean).\n\n" + "\n".join(lines) + "\n")
+                f"Date: {datetime.date.today().isoformat()}. {how}\n\n" + "\n".join(lines) + "\n")
         write_section(args.write, text, args.section)
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    budgets = [int(s) for s in args.at.split(",")]
+    header = "| preset | env | layer | seeds | " + " | ".join(f"eval return at {b:,} steps" for b in budgets) + " |"
+    lines = [header, "|" + "---|" * (4 + len(budgets)), *table_rows(args.run_dirs, budgets, args.window)]
+    configs = [yaml.safe_load((d / "config.yaml").read_text()) for d in args.run_dirs]
+    layers = dict.fromkeys(layer_name(c) for c in configs)
+    window_text = f", averaged over the {args.window} iterations ending there" if args.window > 1 else ""
+    evals = dict.fromkeys(f"{c['eval_episodes']} episodes, eps {c['agent']['eps_eval']}" for c in configs)
+    write_table(args, f"Learning: eval return at fixed budgets, {' vs '.join(layers)}",
+                f"Eval return of each seed at the end of the iteration that reaches the budget{window_text} "
+                f"({'; '.join(evals)}); mean ± sample standard deviation over seeds, then each seed's value (Atari: "
+                "then the human-normalized mean).", lines)
+    return 0
+
+
+def mean_sd(values: list[float], digits: int) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def analysis_rows(run_dirs: list[Path]) -> list[str]:
+    """Markdown rows, one per run: its parameters, agent steps/s, the last step analysed in analysis.parquet, its
+    tokens and slots per expert, then that step's metrics, mean ± sd over seeds; entropies next to ln of the count
+    they spread over (the value of equal weights): dispatch over T tokens, combine over E x slots."""
+    import json
+    import math
+
+    import pandas as pd
+
+    from moescale.analysis.analyze import load_run
+
+    rows = []
+    for run_dir in run_dirs:
+        net = load_run(run_dir).network
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+        found = pd.read_parquet(run_dir / "analysis.parquet")
+        last = found[found["agent_steps"] == found["agent_steps"].max()]
+        t, d = net.info.token_shape
+        slots, experts = net.info.capacity, config["network"]["num_experts"]
+        routing = ["-"] * 4 if config["network"]["moe"] == "dense" else [
+            f"({t}, {d})", str(slots), f"{mean_sd(list(last['dispatch_entropy']), 2)} of {math.log(t):.2f}",
+            f"{mean_sd(list(last['combine_entropy']), 2)} of {math.log(experts * slots):.2f}"]
+        cells = [config["preset"], config["env"], layer_name(config), f"{summary['params']['total']:,}",
+                 f"{summary['agent_steps_per_second']:,.0f}", f"{int(last['agent_steps'].iloc[0]):,}", *routing,
+                 mean_sd(list(100 * last["dormant0"]), 1), mean_sd(list(last["srank"]), 0)]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def cmd_analysis(args: argparse.Namespace) -> int:
+    header = ("| preset | env | layer | params | agent steps/s | analysed at step | tokens (T, D) | slots per expert | "
+              "dispatch entropy (of ln T) | combine entropy (of ln E·S) | dead units, tau 0 (%) | srank |")
+    lines = [header, "|" + "---|" * 12, *analysis_rows(args.run_dirs)]
+    write_table(args, "Analysis of trained runs", "Held-out metrics of each run's last analysed checkpoint "
+                "(`moescale analyze RUN`: 256 transitions per seed from its final policy), mean ± sample standard "
+                "deviation over seeds; agent steps/s of all seeds together over the whole run (summary.json).", lines)
     return 0
 
 
@@ -184,26 +238,34 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override passed to every new run, e.g. --set iteration_steps=25000")
     table = sub.add_parser("table", help="eval return at fixed budgets from run directories")
-    table.add_argument("run_dirs", type=Path, nargs="+", help="run directories, or directories holding them")
     table.add_argument("--at", default="1000000,5000000", help="comma list of agent-step budgets")
-    table.add_argument("--write", type=Path, default=None)
     table.add_argument("--window", type=int, default=1,
                        help="average each seed's eval return over this many iterations ending at the budget")
-    table.add_argument("--section", default="learning", help="name of the section --write replaces")
-    table.add_argument("--title", default=None, help="section title (default: the budgets and the layers compared)")
-    table.add_argument("--trained-on", default=None, help="device the runs trained on, for runs without summary.json")
+    analysis = sub.add_parser("analysis", help="held-out metrics of analysed runs (moescale analyze)")
+    for sub_parser, section in ((table, "learning"), (analysis, "analysis-runs")):
+        sub_parser.add_argument("run_dirs", type=Path, nargs="+", help="run directories, or directories holding them")
+        sub_parser.add_argument("--write", type=Path, default=None)
+        sub_parser.add_argument("--section", default=section, help="name of the section --write replaces")
+        sub_parser.add_argument("--title", default=None, help="section title (default: what the table shows)")
+        sub_parser.add_argument("--trained-on", default=None,
+                                help="device the runs trained on, for runs without summary.json")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
-    if args.command == "table":
+    if args.command in ("table", "analysis"):
         missing = [str(d) for d in args.run_dirs if not expand_run_dirs([d])]
         if missing:
             parser.error(f"run_dirs: no run (metrics.csv) in {', '.join(missing)}")
         args.run_dirs = expand_run_dirs(args.run_dirs)
+    if args.command == "analysis":
+        unanalysed = [str(d) for d in args.run_dirs if not (d / "analysis.parquet").exists()]
+        if unanalysed:
+            parser.error(f"run_dirs: no analysis.parquet in {', '.join(unanalysed)} (run `moescale analyze` on it)")
+    if args.command == "table":
         if not all(s.isdigit() and int(s) > 0 for s in args.at.split(",")):
             parser.error(f"--at={args.at!r}: must be a comma list of positive agent-step counts")
         if args.window < 1:
             parser.error(f"--window={args.window}: must be >= 1")
-    return {"run": cmd_run, "table": cmd_table}[args.command](args)
+    return {"run": cmd_run, "table": cmd_table, "analysis": cmd_analysis}[args.command](args)
 
 
 if __name__ == "__main__":

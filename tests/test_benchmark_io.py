@@ -110,6 +110,35 @@ class TestLearningTable:
             # window 2 at 200 steps: seed 0 (1 + 3) / 2 = 2, seed 1 (2 + 5) / 2 = 3.5
             assert "| minatar-dqn | Breakout-MinAtar | softmoe-4 per_feature | 2 | 2.8 ± 1.1 (2.0, 3.5) |" in lines
 
+    def test_analysis_rows_show_metrics_against_their_uniform_values(self, tmp_path):
+        import json
+
+        import pandas as pd
+        import yaml
+
+        from moescale.presets import apply_overrides, get_preset
+
+        learning = _load("learning")
+        run = self._run(tmp_path, "a", {100: [1.0, 2.0]})
+        config = apply_overrides(get_preset("minatar-dqn"), ["env=Breakout-MinAtar", "network.moe=softmoe",
+                                                             "network.num_experts=4", "network.tokenizer=per_patch",
+                                                             "network.patch_size=2", "seeds=2"])
+        (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+        (run / "summary.json").write_text(json.dumps({"params": {"total": 70931}, "agent_steps_per_second": 1164.7}))
+        pd.DataFrame({"agent_steps": [50, 50, 100, 100], "seed": [0, 1, 0, 1],  # only step 100 counts
+                      "dispatch_entropy": [9.0, 9.0, 3.0, 3.1], "combine_entropy": [9.0, 9.0, 3.2, 3.3],
+                      "dormant0": [0.9, 0.9, 0.1, 0.2], "srank": [1.0, 1.0, 70.0, 90.0]}
+                     ).to_parquet(run / "analysis.parquet")
+        (row,) = learning.analysis_rows([run])
+        # 10x10 map, 2x2 patches: 25 tokens of dim 16 (the channels), ceil(25 / 4) = 7 slots per expert;
+        # ln 25 = 3.22, ln(4 * 7) = 3.33; sd of (3.0, 3.1) = 0.07, of (70, 90) = 14.1
+        assert row == ("| minatar-dqn | Breakout-MinAtar | softmoe-4 per_patch 2x2 | 70,931 | 1,165 | 100 | (25, 16) | "
+                       "7 | 3.05 ± 0.07 of 3.22 | 3.25 ± 0.07 of 3.33 | 15.0 ± 7.1 | 80 ± 14 |")
+        (run / "analysis.parquet").unlink()
+        with pytest.raises(SystemExit) as exited:
+            learning.main(["analysis", str(run)])
+        assert exited.value.code == 2
+
     def test_atari_cells_add_the_human_normalized_mean(self):
         learning = _load("learning")
         # Pong: random -20.7, human 14.6; mean of -19.0 and -20.0 is -19.5: (-19.5 + 20.7) / 35.3 = 0.034
