@@ -187,9 +187,10 @@ def mean_sd(values: list[float], digits: int) -> str:
 
 
 def analysis_rows(run_dirs: list[Path]) -> list[str]:
-    """Markdown rows, one per run: its parameters, agent steps/s, the last step analysed in analysis.parquet, its
-    tokens and slots per expert, then that step's metrics, mean ± sd over seeds; entropies next to ln of the count
-    they spread over (the value of equal weights): dispatch over T tokens, combine over E x slots."""
+    """Markdown rows, one per run: its parameters, agent steps/s (summary.json; "-" without one), the last step
+    analysed in analysis.parquet, its tokens and slots (or capacity) per expert, then that step's metrics, mean ±
+    sd over seeds; Soft MoE's entropies next to ln of the count they spread over (the value of equal weights):
+    dispatch over T tokens, combine over E x slots."""
     import json
     import math
 
@@ -201,16 +202,20 @@ def analysis_rows(run_dirs: list[Path]) -> list[str]:
     for run_dir in run_dirs:
         net = load_run(run_dir).network
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = run_dir / "summary.json"  # absent for a run stopped before its end
+        speed = json.loads(summary.read_text())["agent_steps_per_second"] if summary.exists() else None
         found = pd.read_parquet(run_dir / "analysis.parquet")
         last = found[found["agent_steps"] == found["agent_steps"].max()]
-        t, d = net.info.token_shape
-        slots, experts = net.info.capacity, config["network"]["num_experts"]
-        routing = ["-"] * 4 if config["network"]["moe"] == "dense" else [
-            f"({t}, {d})", str(slots), f"{mean_sd(list(last['dispatch_entropy']), 2)} of {math.log(t):.2f}",
-            f"{mean_sd(list(last['combine_entropy']), 2)} of {math.log(experts * slots):.2f}"]
-        cells = [config["preset"], config["env"], layer_name(config), f"{summary['params']['total']:,}",
-                 f"{summary['agent_steps_per_second']:,.0f}", f"{int(last['agent_steps'].iloc[0]):,}", *routing,
+        moe, (t, d), slots = config["network"]["moe"], net.info.token_shape, net.info.capacity
+
+        # Soft MoE's entropies spread over T tokens (dispatch) and E x S slots (combine); the sparse layers' are over
+        # experts and kept choices, shown without a reference
+        spread = {"dispatch_entropy": t, "combine_entropy": config["network"]["num_experts"] * (slots or 1)}
+        entropies = [mean_sd(list(last[column]), 2) + (f" of {math.log(n):.2f}" if moe == "softmoe" else "")
+                     for column, n in spread.items()]
+        routing = ["-"] * 4 if moe == "dense" else [f"({t}, {d})", str(slots), *entropies]
+        cells = [config["preset"], config["env"], layer_name(config), f"{net.info.params['total']:,}",
+                 "-" if speed is None else f"{speed:,.0f}", f"{int(last['agent_steps'].iloc[0]):,}", *routing,
                  mean_sd(list(100 * last["dormant0"]), 1), mean_sd(list(last["srank"]), 0)]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
@@ -218,7 +223,7 @@ def analysis_rows(run_dirs: list[Path]) -> list[str]:
 
 def cmd_analysis(args: argparse.Namespace) -> int:
     header = ("| preset | env | layer | params | agent steps/s | analysed at step | tokens (T, D) | slots per expert | "
-              "dispatch entropy (of ln T) | combine entropy (of ln E·S) | dead units, tau 0 (%) | srank |")
+              "dispatch entropy (Soft MoE: of ln T) | combine entropy (of ln E·S) | dead units, tau 0 (%) | srank |")
     lines = [header, "|" + "---|" * 12, *analysis_rows(args.run_dirs)]
     write_table(args, "Analysis of trained runs", "Held-out metrics of each run's last analysed checkpoint "
                 "(`moescale analyze RUN`: 256 transitions per seed from its final policy), mean ± sample standard "

@@ -124,7 +124,7 @@ class TestLearningTable:
                                                              "network.num_experts=4", "network.tokenizer=per_patch",
                                                              "network.patch_size=2", "seeds=2"])
         (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
-        (run / "summary.json").write_text(json.dumps({"params": {"total": 70931}, "agent_steps_per_second": 1164.7}))
+        (run / "summary.json").write_text(json.dumps({"agent_steps_per_second": 1164.7}))
         pd.DataFrame({"agent_steps": [50, 50, 100, 100], "seed": [0, 1, 0, 1],  # only step 100 counts
                       "dispatch_entropy": [9.0, 9.0, 3.0, 3.1], "combine_entropy": [9.0, 9.0, 3.2, 3.3],
                       "dormant0": [0.9, 0.9, 0.1, 0.2], "srank": [1.0, 1.0, 70.0, 90.0]}
@@ -134,6 +134,9 @@ class TestLearningTable:
         # ln 25 = 3.22, ln(4 * 7) = 3.33; sd of (3.0, 3.1) = 0.07, of (70, 90) = 14.1
         assert row == ("| minatar-dqn | Breakout-MinAtar | softmoe-4 per_patch 2x2 | 70,931 | 1,165 | 100 | (25, 16) | "
                        "7 | 3.05 ± 0.07 of 3.22 | 3.25 ± 0.07 of 3.33 | 15.0 ± 7.1 | 80 ± 14 |")
+        (run / "summary.json").unlink()  # a run stopped before its end: no speed
+        assert learning.analysis_rows([run])[0].startswith(
+            "| minatar-dqn | Breakout-MinAtar | softmoe-4 per_patch 2x2 | 70,931 | - | 100 | (25, 16) | 7 | 3.05")
         (run / "analysis.parquet").unlink()
         with pytest.raises(SystemExit) as exited:
             learning.main(["analysis", str(run)])
