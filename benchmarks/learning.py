@@ -71,13 +71,18 @@ def layer_name(config: dict) -> str:
     return name + (" normalized" if net.get("normalize") else "")
 
 
+def mean_sd(values: list[float], digits: int) -> str:
+    """Mean ± sample standard deviation (0 for one value) with `digits` decimals."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
 def cell(values: list[float], env: str) -> str:
     """Mean ± sample sd over seeds, then each seed's value; on an Atari game with reference scores, the
     human-normalized mean (moescale.envs.atari_scores) after it."""
     from moescale.envs.atari_scores import HUMAN_SCORES, human_normalized
 
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    text = f"{statistics.mean(values):.1f} ± {sd:.1f} ({', '.join(f'{v:.1f}' for v in values)})"
+    text = f"{mean_sd(values, 1)} ({', '.join(f'{v:.1f}' for v in values)})"
     if env in HUMAN_SCORES:
         text += f"; human-normalized {human_normalized(env, statistics.mean(values)):.3f}"
     return text
@@ -179,11 +184,6 @@ def cmd_table(args: argparse.Namespace) -> int:
                 f"({'; '.join(evals)}); mean ± sample standard deviation over seeds, then each seed's value (Atari: "
                 "then the human-normalized mean).", lines)
     return 0
-
-
-def mean_sd(values: list[float], digits: int) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def analysis_rows(run_dirs: list[Path]) -> list[str]:
