@@ -200,8 +200,8 @@ def analysis_rows(run_dirs: list[Path]) -> list[str]:
 
     rows = []
     for run_dir in run_dirs:
-        net = load_run(run_dir).network
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        parts = load_run(run_dir)
+        net, config = parts.network, parts.config.to_dict()
         summary = run_dir / "summary.json"  # absent for a run stopped before its end
         speed = json.loads(summary.read_text())["agent_steps_per_second"] if summary.exists() else None
         found = pd.read_parquet(run_dir / "analysis.parquet")
