@@ -226,6 +226,10 @@ class TrainConfig:
     # dense minatar-dqn seeds on 2 cores, 1.6x the vmap throughput; BENCHMARKS.md); compile time grows with
     # the seed count. "auto": unroll on CPU, vmap on accelerators.
     seed_layout: str = "auto"
+    # How many devices the seeds are spread over, each device running its share in the seed layout above:
+    # None takes the most local devices that divide the seeds evenly (one device when JAX sees one; on CPU,
+    # the environment variable JAX_NUM_CPU_DEVICES=N makes N host devices).
+    devices: int | None = None
     # Offline training: a dataset directory (moescale.data format, e.g. written by --record-dataset). When set,
     # no environment step is taken for training: every seed learns from the same fixed data, sampled uniformly,
     # one update every agent.update_period training steps (as in Dopamine's fixed-replay runner), so `steps`
@@ -255,6 +259,9 @@ class TrainConfig:
         if not isinstance(self.life_loss_terminal, bool):
             checks.fail("life_loss_terminal", self.life_loss_terminal, "must be true or false")
         checks.choice("seed_layout", self.seed_layout, SEED_LAYOUTS)
+        checks.optional_positive_int("devices", self.devices)
+        if self.devices is not None and self.seeds % self.devices:
+            checks.fail("devices", self.devices, f"must divide seeds={self.seeds}: every device runs as many seeds")
         period, envs = self.agent.update_period, self.num_envs
         if period % envs and envs % period:
             checks.fail("num_envs", envs, f"must divide agent.update_period={period} or be a multiple of it, "

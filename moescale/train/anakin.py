@@ -156,7 +156,7 @@ def make_trainer(config: TrainConfig, offline: OfflineData | None = None) -> Tra
     act_steps = max(1, acfg.update_period // num_envs)  # K
     updates_per_round = max(1, num_envs // acfg.update_period)  # U
     rounds = config.iteration_steps // config.steps_per_loop
-    layout = make_seed_layout(config.seed_layout)
+    layout = make_seed_layout(config.seed_layout, seed_devices(config))
     over_seeds = layout.over
     obs_spec = jax.ShapeDtypeStruct(env.obs_shape, env.obs_dtype)
     flag = jax.ShapeDtypeStruct((), jnp.bool_)
@@ -304,6 +304,10 @@ class SeedLayout(NamedTuple):
     and optimizer state in cache, where one loop stepping every seed in each round streams all S seeds'
     state through the cache every round (BENCHMARKS.md, compiled trainer throughput).
 
+    Over D > 1 devices the states are one pytree with a leading seed axis split over the devices (S / D
+    seeds each), and every device runs its own seeds in the layout named (shard_map: no communication,
+    since seeds share nothing).
+
     init(fn, keys) -> states; stack(states) -> leaves (S, ...); unstack(stacked) -> states;
     over(fn, seeds, stats, *shared) applies fn(seed, stat, *shared) -> (seed, stat) to every seed (stats
     may be None).
@@ -314,6 +318,7 @@ class SeedLayout(NamedTuple):
     stack: Callable
     unstack: Callable
     over: Callable
+    devices: int = 1
 
 
 def resolve_seed_layout(layout: str) -> str:
@@ -323,9 +328,61 @@ def resolve_seed_layout(layout: str) -> str:
     return layout
 
 
-def make_seed_layout(layout: str) -> SeedLayout:
-    """The SeedLayout called `layout` ("auto", "vmap" or "unroll")."""
-    name = resolve_seed_layout(layout)
+def seed_devices(config: TrainConfig) -> list[jax.Device]:
+    """The local devices the run's seeds are spread over: config.devices of them, or, when None, the most
+    that divide the seeds evenly. ValueError when config.devices asks for more than there are."""
+    local = jax.local_devices()
+    if config.devices is None:
+        count = max(d for d in range(1, len(local) + 1) if config.seeds % d == 0)
+    elif config.devices > len(local):
+        checks.fail("devices", config.devices, f"at most the {len(local)} local {local[0].platform} device(s) "
+                    "JAX sees (on CPU, the environment variable JAX_NUM_CPU_DEVICES=N makes N)")
+    else:
+        count = config.devices
+    return local[:count]
+
+
+def make_seed_layout(layout: str, devices: list[jax.Device] | None = None) -> SeedLayout:
+    """The SeedLayout called `layout` ("auto", "vmap" or "unroll"), spread over `devices` when there are
+    several (the seed count must be a multiple of theirs)."""
+    local = _local_seed_layout(resolve_seed_layout(layout))
+    return local if devices is None or len(devices) < 2 else _spread_seed_layout(local, devices)
+
+
+def _spread_seed_layout(local: SeedLayout, devices: list[jax.Device]) -> SeedLayout:
+    """`local` run on every device for its share of the seeds: states stacked, the seed axis split over a
+    one-axis mesh of `devices`."""
+    mesh = jax.sharding.Mesh(np.array(devices), ("seed",))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
+
+    def place(tree):
+        return jax.device_put(tree, split)
+
+    def over_devices(fn, seeds, stats, *shared):
+        per_seed = (seeds,) if stats is None else (seeds, stats)
+
+        def on_device(*args):  # this device's seeds (and stats), stacked (S / D, ...), then the shared inputs
+            mine, rest = args[:len(per_seed)], args[len(per_seed):]
+            local_stats = None if stats is None else local.unstack(mine[1])
+            out = local.over(fn, local.unstack(mine[0]), local_stats, *rest)
+            return local.stack(out[0]), local.stack(out[1])
+
+        seed_spec = jax.sharding.PartitionSpec("seed")
+        specs = (seed_spec,) * len(per_seed) + (jax.sharding.PartitionSpec(),) * len(shared)
+        # check_vma off: the per-seed code starts loop carries from constants (zero sums), which its typing
+        # would want cast to per-device values; nothing crosses devices, so there is nothing for it to catch.
+        return jax.shard_map(on_device, mesh=mesh, in_specs=specs, out_specs=(seed_spec, seed_spec),
+                             check_vma=False)(*per_seed, *shared)
+
+    def same(tree):
+        return tree
+
+    return SeedLayout(local.name, lambda fn, keys: place(local.stack(local.init(fn, keys))), same, place,
+                      over_devices, len(devices))
+
+
+def _local_seed_layout(name: str) -> SeedLayout:
+    """The SeedLayout `name` ("vmap" or "unroll") on one device."""
     if name == "vmap":
         def over_vmap(fn, seeds, stats, *shared):
             return jax.vmap(fn, (0, 0) + (None,) * len(shared))(seeds, stats, *shared)

@@ -333,7 +333,8 @@ def _analyze(config: TrainConfig, trainer: Any, states: Any, iteration: int, out
     for s, row in enumerate(rows):
         row.update({name: float(values[s]) for name, values in found.items()})
     layout = trainer.layout
-    params = states.agent.params if layout.name == "vmap" else layout.stack([s.agent.params for s in states])
+    # Stacked states (vmap, or seeds spread over devices) hold every seed's parameters with a seed axis already.
+    params = layout.stack([s.agent.params for s in states]) if isinstance(states, tuple) else states.agent.params
     save_snapshot(out, iteration, params)
 
 
@@ -356,6 +357,7 @@ def _summary(config: TrainConfig, trainer: Any, rows: list[dict], compile_second
         "compile_seconds": compile_seconds,
         "agent_steps_per_second": steps_per_second,  # all seeds, this process, compilation excluded
         "seed_layout": trainer.layout.name,
+        "devices": trainer.layout.devices,  # the seeds spread evenly over them
         "params": trainer.network.info.params,
         "forward_flops": trainer.network.info.forward_flops,
         "replay_bytes_per_seed": trainer.replay_bytes,  # offline: the dataset, held once for all seeds
