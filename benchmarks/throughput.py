@@ -14,7 +14,8 @@ together, since S seeds need S times the updates: what a loop would reach if act
 and an update cost what a standalone call does (the state donated, so updated in place as in a loop). It is no
 strict bound: a compiled loop can overlap or fuse work across calls. `--conv lax,matmul` times every compiled run
 with each encoder convolution (network.conv: lax's convolution, or a matmul over patches) side by side; their
-updates are timed in turns too.
+updates are timed in turns too. A run SEEDS:LAYOUT:ENVS:DEVICES spreads its seeds over DEVICES devices (config
+`devices`); on CPU, `--host-devices N` makes JAX see N host devices, and every row then runs in that process.
 
     python benchmarks/throughput.py --repeats 3 --write BENCHMARKS.md
 """
@@ -29,12 +30,30 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
-from moescale.config import CONV_IMPLS
-from moescale.presets import apply_overrides, get_preset
-from moescale.study.runner import update_seconds
-from moescale.train.anakin import make_trainer, seed_keys
+
+def host_devices(argv: list[str]) -> int | None:
+    """The N of `--host-devices N` (or `--host-devices=N`) in argv, None without it (or with a value that is not a
+    positive int, which argparse then refuses)."""
+    for i, arg in enumerate(argv):
+        value = arg.partition("=")[2] if arg.startswith("--host-devices=") else (
+            argv[i + 1] if arg == "--host-devices" and i + 1 < len(argv) else None)
+        if value is not None:
+            return int(value) if value.isdigit() and int(value) > 0 else None
+    return None
+
+
+# JAX reads its CPU device count once, when its backend starts, and importing gymnax (below, through moescale)
+# starts it: so --host-devices is read here, ahead of argparse.
+if __name__ == "__main__" and host_devices(sys.argv[1:]):
+    jax.config.update("jax_num_cpu_devices", host_devices(sys.argv[1:]))
+
+import jax.numpy as jnp  # noqa: E402
+
+from moescale.config import CONV_IMPLS  # noqa: E402
+from moescale.presets import apply_overrides, get_preset  # noqa: E402
+from moescale.study.runner import update_seconds  # noqa: E402
+from moescale.train.anakin import make_trainer, seed_keys  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_loop import HostLoop  # noqa: E402
@@ -49,17 +68,19 @@ DECAYED = ["agent.eps_decay_steps=1"]
 RUNS = "1:auto,8:vmap,8:unroll"
 
 
-def parse_runs(text: str) -> list[tuple[int, str, int]]:
-    """"1:auto,16:vmap:4" -> [(1, "auto", 1), (16, "vmap", 4)]: seeds, seed layout, environments per seed."""
+def parse_runs(text: str) -> list[tuple[int, str, int, int]]:
+    """"1:auto,16:vmap:4,8:unroll:1:2" -> [(1, "auto", 1, 1), (16, "vmap", 4, 1), (8, "unroll", 1, 2)]: seeds,
+    seed layout, environments per seed, devices the seeds are spread over."""
     runs = []
     for item in text.split(","):
         parts = item.split(":")
-        seeds, layout, envs = (parts + ["1"])[:3] if len(parts) in (2, 3) else ("", "", "")
+        seeds, layout, envs, devices = (parts + ["1", "1"])[:4] if 2 <= len(parts) <= 4 else ("", "", "", "")
         if (not seeds.isdigit() or int(seeds) < 1 or layout not in ("auto", "vmap", "unroll")
-                or not envs.isdigit() or int(envs) < 1):
-            raise ValueError(f"--runs: {item!r} is not SEEDS:LAYOUT[:ENVS] with SEEDS >= 1, LAYOUT "
-                             "auto|vmap|unroll and ENVS >= 1")
-        runs.append((int(seeds), layout, int(envs)))
+                or not envs.isdigit() or int(envs) < 1 or not devices.isdigit() or int(devices) < 1
+                or int(seeds) % int(devices)):
+            raise ValueError(f"--runs: {item!r} is not SEEDS:LAYOUT[:ENVS[:DEVICES]] with SEEDS >= 1, LAYOUT "
+                             "auto|vmap|unroll, ENVS >= 1 and DEVICES >= 1 dividing SEEDS")
+        runs.append((int(seeds), layout, int(envs), int(devices)))
     return runs
 
 
@@ -87,7 +108,7 @@ def warmed_trainer(arch: str, seeds: int, layout: str, iteration_steps: int, tim
     return run, states, step, trainer, compile_s
 
 
-def timed_rows(arch: str, runs: list[tuple[int, str, int]], convs: list[str], iteration_steps: int,
+def timed_rows(arch: str, runs: list[tuple[int, str, int, int]], convs: list[str], iteration_steps: int,
                repeats: int) -> list[dict]:
     """Median agent steps/s (all seeds) and compile time of the host loops and of every compiled configuration
     of one arch, one row per (run, convolution). All are warmed up first, then they take turns, one timed
@@ -97,15 +118,16 @@ def timed_rows(arch: str, runs: list[tuple[int, str, int]], convs: list[str], it
     for loop, sets in (("host loop (reference)", DECAYED), ("host loop, early epsilon", [])):
         host = HostLoop(apply_overrides(get_preset("minatar-dqn"), ARCHS[arch] + sets))  # lax's convolution
         host.warm_up()
-        rows.append({"loop": loop, "arch": arch, "seeds": 1, "envs": 1, "conv": "lax", "compile_s": None,
-                     "time": functools.partial(host.sps, iteration_steps), "rates": []})
-    for seeds, layout, envs in runs:
+        rows.append({"loop": loop, "arch": arch, "seeds": 1, "envs": 1, "devices": 1, "conv": "lax",
+                     "compile_s": None, "time": functools.partial(host.sps, iteration_steps), "rates": []})
+    for seeds, layout, envs, devices in runs:
         for conv in convs:
             run, states, step, trainer, compile_s = warmed_trainer(
-                arch, seeds, layout, iteration_steps, repeats, (f"num_envs={envs}", f"network.conv={conv}"))
+                arch, seeds, layout, iteration_steps, repeats,
+                (f"num_envs={envs}", f"network.conv={conv}", f"devices={devices}"))
             timer = _timer(run, states, step, iteration_steps, seeds)
             rows.append({"loop": f"compiled, {trainer.layout.name}", "arch": arch, "seeds": seeds, "envs": envs,
-                         "conv": conv, "compile_s": compile_s, "time": timer, "rates": []})
+                         "devices": devices, "conv": conv, "compile_s": compile_s, "time": timer, "rates": []})
     for _ in range(repeats):
         for row in rows:
             row["rates"].append(row["time"]())
@@ -153,35 +175,54 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--iteration-steps", type=int, default=2000, help="agent steps per seed per timing")
-    parser.add_argument("--runs", default=RUNS, help=f"compiled runs as SEEDS:LAYOUT,... (default {RUNS})")
+    parser.add_argument("--runs", default=RUNS,
+                        help=f"compiled runs as SEEDS:LAYOUT[:ENVS[:DEVICES]],... (default {RUNS})")
     parser.add_argument("--conv", default="lax",
                         help="comma list of encoder convolutions to compare side by side: lax, matmul")
+    parser.add_argument("--host-devices", type=int, default=None,
+                        help="on CPU, make this many host devices (XLA's host device count) for runs that spread "
+                             "their seeds over several (SEEDS:LAYOUT:ENVS:DEVICES)")
+    parser.add_argument("--archs", default=",".join(ARCHS), help=f"comma list of: {', '.join(ARCHS)}")
     parser.add_argument("--write", type=Path, default=None)
+    parser.add_argument("--section", default=None,
+                        help="the section of --write to replace (default: throughput, or throughput-BACKEND off CPU)")
     args = parser.parse_args(argv)
+    if args.host_devices is not None and args.host_devices < 1:
+        parser.error("--host-devices must be >= 1")
+    archs = args.archs.split(",")
+    if not archs or any(a not in ARCHS for a in archs) or len(set(archs)) != len(archs):
+        parser.error(f"--archs: {args.archs!r} must be a comma list of distinct names from {', '.join(ARCHS)}")
     if args.repeats < 1 or args.iteration_steps < 4 or args.iteration_steps % 4:
         parser.error("--repeats must be >= 1 and --iteration-steps a positive multiple of 4")
     try:
         runs = parse_runs(args.runs)
         convs = parse_convs(args.conv)
-        for _, _, envs in runs:  # a bad environment count fails here, before any timing
+        for _, _, envs, devices in runs:  # a bad environment or device count fails here, before any timing
             apply_overrides(get_preset("minatar-dqn"), [f"num_envs={envs}", f"iteration_steps={args.iteration_steps}"])
+            if devices > jax.local_device_count():
+                raise ValueError(f"--runs: {devices} devices asked for, JAX sees {jax.local_device_count()} "
+                                 "(on CPU, --host-devices N makes N)")
     except ValueError as err:
         parser.error(str(err))
-    lines = ["| layer | conv | loop | seeds | envs per seed | agent steps/s (all seeds, median) | vs host loop "
-             "| standalone-update rate | compile s |", "|---|---|---|---|---|---|---|---|---|"]
-    for arch in ARCHS:
+    lines = ["| layer | conv | loop | seeds | envs per seed | devices | agent steps/s (all seeds, median) "
+             "| vs host loop | standalone-update rate | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for arch in archs:
         update_rates = {conv: get_preset("minatar-dqn").agent.update_period / (ms / 1e3)
                         for conv, ms in update_ms(arch, list(dict.fromkeys(["lax", *convs]))).items()}
         rows = timed_rows(arch, runs, convs, args.iteration_steps, args.repeats)
         host = rows[0]["sps"]
         for r in rows:
             compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
-            lines.append(f"| {arch} | {r['conv']} | {r['loop']} | {r['seeds']} | {r['envs']} | {r['sps']:,.0f} | "
+            lines.append(f"| {arch} | {r['conv']} | {r['loop']} | {r['seeds']} | {r['envs']} | {r['devices']} | "
+                         f"{r['sps']:,.0f} | "
                          f"{r['sps'] / host:.2f}x | {update_rates[r['conv']]:,.0f} | {compile_s} |")
             print(lines[-1], flush=True)
     title = "Compiled trainer throughput vs a host loop (minatar-dqn, Breakout-MinAtar)"
     if jax.default_backend() != "cpu":
         title += f", {jax.default_backend().upper()}"
+    most = max(devices for *_, devices in runs)
+    if most > 1:
+        title += f", seeds spread over up to {most} {jax.default_backend().upper()} devices"
     text = section_text(title, "throughput.py", argv,
                         f"median of {args.repeats} timed iterations of {args.iteration_steps} agent steps per seed "
                         "after min_replay, every configuration of a layer (host loops included) timed in turns, "
@@ -190,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.write:
         backend = jax.default_backend()
-        write_section(args.write, text, "throughput" if backend == "cpu" else f"throughput-{backend}")
+        write_section(args.write, text, args.section or ("throughput" if backend == "cpu" else f"throughput-{backend}"))
     return 0
 
 

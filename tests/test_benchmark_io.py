@@ -197,11 +197,21 @@ def test_throughput_convs_parse_and_reject():
             throughput.parse_convs(bad)
 
 
+def test_throughput_host_devices_are_read_before_argparse():
+    throughput = _load("throughput")
+    assert throughput.host_devices(["--runs", "8:unroll:1:2", "--host-devices", "2"]) == 2
+    assert throughput.host_devices(["--host-devices=4"]) == 4
+    for argv in ([], ["--host-devices"], ["--host-devices", "0"], ["--host-devices=x"]):
+        assert throughput.host_devices(argv) is None  # argparse refuses the bad ones
+
+
 def test_throughput_runs_parse_and_reject():
     throughput = _load("throughput")
-    assert throughput.parse_runs("1:auto,16:vmap") == [(1, "auto", 1), (16, "vmap", 1)]
-    assert throughput.parse_runs("16:vmap:4,2:unroll:1") == [(16, "vmap", 4), (2, "unroll", 1)]
-    for bad in ("0:vmap", "8:pmap", "x:auto", "8", "8:vmap:0", "8:vmap:x", "8:vmap:4:2", "8:vmap:"):
+    assert throughput.parse_runs("1:auto,16:vmap") == [(1, "auto", 1, 1), (16, "vmap", 1, 1)]
+    assert throughput.parse_runs("16:vmap:4,2:unroll:1") == [(16, "vmap", 4, 1), (2, "unroll", 1, 1)]
+    assert throughput.parse_runs("8:unroll:1:2,8:vmap:4:8") == [(8, "unroll", 1, 2), (8, "vmap", 4, 8)]
+    for bad in ("0:vmap", "8:pmap", "x:auto", "8", "8:vmap:0", "8:vmap:x", "8:vmap:4:3", "8:vmap:1:0",
+                "8:vmap:1:2:1", "8:vmap:"):
         try:
             throughput.parse_runs(bad)
         except ValueError as err:
