@@ -374,10 +374,7 @@ def _spread_seed_layout(local: SeedLayout, devices: list[jax.Device]) -> SeedLay
         return jax.shard_map(on_device, mesh=mesh, in_specs=specs, out_specs=(seed_spec, seed_spec),
                              check_vma=False)(*per_seed, *shared)
 
-    def same(tree):
-        return tree
-
-    return SeedLayout(local.name, lambda fn, keys: place(local.stack(local.init(fn, keys))), same, place,
+    return SeedLayout(local.name, lambda fn, keys: place(local.stack(local.init(fn, keys))), _same, place,
                       over_devices, len(devices))
 
 
@@ -387,8 +384,7 @@ def _local_seed_layout(name: str) -> SeedLayout:
         def over_vmap(fn, seeds, stats, *shared):
             return jax.vmap(fn, (0, 0) + (None,) * len(shared))(seeds, stats, *shared)
 
-        same = lambda tree: tree  # noqa: E731
-        return SeedLayout(name, lambda fn, keys: jax.vmap(fn)(keys), same, same, over_vmap)
+        return SeedLayout(name, lambda fn, keys: jax.vmap(fn)(keys), _same, _same, over_vmap)
 
     def over_unroll(fn, seeds, stats, *shared):
         stats = (None,) * len(seeds) if stats is None else stats
@@ -400,6 +396,11 @@ def _local_seed_layout(name: str) -> SeedLayout:
 
     return SeedLayout(name, lambda fn, keys: tuple(fn(key) for key in keys),
                       lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees), unstack, over_unroll)
+
+
+def _same(tree: Any) -> Any:
+    """Stack or unstack of layouts whose states are stacked already."""
+    return tree
 
 
 def _all_finite(tree: Any) -> jax.Array:
