@@ -19,7 +19,7 @@ from moescale.config import TrainConfig
 from moescale.presets import apply_overrides, get_preset
 from moescale.train.run import raise_budget, train
 
-SETS = ["iteration_steps=5000", "checkpoint_every=1", "eval_episodes=4", "agent.min_replay=2000", "seeds=2"]
+SETS = ["iteration_steps=5000", "checkpoint_every=1", "eval_episodes=4", "agent.min_replay=2000", "seeds=4"]
 TIMING = ("steps_per_second", "wall_seconds")
 
 TWO_DEVICES = textwrap.dedent("""
@@ -51,8 +51,8 @@ def rows(run_dir) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def spread(tmp_path_factory):
-    """Runs of 2 seeds on 2 host devices (in a subprocess): unroll for 2 iterations, unroll stopped after 1
-    (resumed by the tests on one device), and vmap."""
+    """Runs of 4 seeds on 2 host devices, 2 each (in a subprocess): unroll for 2 iterations, unroll stopped
+    after 1 (resumed by the tests on one device), and vmap."""
     root = tmp_path_factory.mktemp("spread")
     runs = {"unroll": [*SETS, "seed_layout=unroll", "steps=10000"],
             "unroll-half": [*SETS, "seed_layout=unroll", "steps=5000"],
@@ -75,13 +75,13 @@ def test_seeds_run_on_both_devices(spread):
 
 
 def test_unroll_over_two_devices_is_the_one_device_run(spread, tmp_path):
-    # Every device runs its seed's own loop, the same code as on one device: bitwise the same metrics.
+    # Every device runs each of its seeds' own loop, the same code as on one device: bitwise the same metrics.
     root, _ = spread
     assert rows(root / "unroll") == rows(one_device(tmp_path, "unroll"))
 
 
 def test_vmap_over_two_devices_matches_one_device_to_rounding(spread, tmp_path):
-    # vmap batches 1 seed per device instead of 2 on one: the same arithmetic in other matmul shapes, so the
+    # vmap batches 2 seeds per device instead of 4 on one: the same arithmetic in other matmul shapes, so the
     # metrics agree to float rounding (not bit for bit).
     root, _ = spread
     two, one = rows(root / "vmap"), rows(one_device(tmp_path, "vmap"))

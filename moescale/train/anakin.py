@@ -304,9 +304,9 @@ class SeedLayout(NamedTuple):
     and optimizer state in cache, where one loop stepping every seed in each round streams all S seeds'
     state through the cache every round (BENCHMARKS.md, compiled trainer throughput).
 
-    Over D > 1 devices the states are one pytree with a leading seed axis split over the devices (S / D
-    seeds each), and every device runs its own seeds in the layout named (shard_map: no communication,
-    since seeds share nothing).
+    Over D > 1 devices the states are a tuple of slots, pytrees whose leading seed axis is split over the
+    devices, and every device runs its S / D seeds in the layout named (shard_map: no communication, since
+    seeds share nothing); see _spread_seed_layout.
 
     init(fn, keys) -> states; stack(states) -> leaves (S, ...); unstack(stacked) -> states;
     over(fn, seeds, stats, *shared) applies fn(seed, stat, *shared) -> (seed, stat) to every seed (stats
@@ -350,22 +350,50 @@ def make_seed_layout(layout: str, devices: list[jax.Device] | None = None) -> Se
 
 
 def _spread_seed_layout(local: SeedLayout, devices: list[jax.Device]) -> SeedLayout:
-    """`local` run on every device for its share of the seeds: states stacked, the seed axis split over a
-    one-axis mesh of `devices`."""
+    """`local` run on every device for its share of the seeds, K = S / D of them, seed s on device s // K.
+
+    The states are a tuple of slots, pytrees with a leading axis of D * w seeds split over a one-axis mesh of
+    `devices` (w per device): for `vmap` one slot of all seeds (w = K), which every device batches; for
+    `unroll` K slots of one seed per device (w = 1), so that every seed keeps its own buffers across
+    iterations, as on one device (one slot of K seeds would be sliced into per-seed copies at each
+    iteration's start and stacked again at its end, its replay included).
+    """
+    count = len(devices)
     mesh = jax.sharding.Mesh(np.array(devices), ("seed",))
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
+    per_slot = local.name == "vmap"  # seeds per device in a slot is K (vmap) or 1 (unroll)
 
-    def place(tree):
-        return jax.device_put(tree, split)
+    def stack(slots):  # -> leaves (S, ...), seeds in order
+        def seeds_in_order(*xs):  # each (D * w, ...) -> (D, w, ...), side by side -> (D, K, ...) -> (S, ...)
+            per_device = [x.reshape(count, x.shape[0] // count, *x.shape[1:]) for x in xs]
+            joined = jnp.concatenate(per_device, axis=1)
+            return joined.reshape(-1, *joined.shape[2:])
+        return jax.tree.map(seeds_in_order, *slots)
+
+    def unstack(stacked):  # the way back, each slot placed split over the devices
+        seeds = jax.tree.leaves(stacked)[0].shape[0]
+        width = seeds // count if per_slot else 1
+        def slot(j):
+            def take(x):
+                part = x.reshape(count, seeds // count, *x.shape[1:])[:, j * width:(j + 1) * width]
+                return part.reshape(-1, *x.shape[1:])
+            return jax.device_put(jax.tree.map(take, stacked), split)
+        return tuple(slot(j) for j in range(seeds // count // width))
+
+    def from_slots(slots):  # one device's slots -> its seeds in the local layout
+        return slots[0] if per_slot else tuple(jax.tree.map(lambda x: x[0], s) for s in slots)
+
+    def to_slots(states):
+        return (states,) if per_slot else tuple(jax.tree.map(lambda x: x[None], s) for s in states)
 
     def over_devices(fn, seeds, stats, *shared):
         per_seed = (seeds,) if stats is None else (seeds, stats)
 
-        def on_device(*args):  # this device's seeds (and stats), stacked (S / D, ...), then the shared inputs
+        def on_device(*args):  # this device's slots of seeds (and stats), then the shared inputs
             mine, rest = args[:len(per_seed)], args[len(per_seed):]
-            local_stats = None if stats is None else local.unstack(mine[1])
-            out = local.over(fn, local.unstack(mine[0]), local_stats, *rest)
-            return local.stack(out[0]), local.stack(out[1])
+            local_stats = None if stats is None else from_slots(mine[1])
+            out = local.over(fn, from_slots(mine[0]), local_stats, *rest)
+            return to_slots(out[0]), to_slots(out[1])
 
         seed_spec = jax.sharding.PartitionSpec("seed")
         specs = (seed_spec,) * len(per_seed) + (jax.sharding.PartitionSpec(),) * len(shared)
@@ -374,8 +402,8 @@ def _spread_seed_layout(local: SeedLayout, devices: list[jax.Device]) -> SeedLay
         return jax.shard_map(on_device, mesh=mesh, in_specs=specs, out_specs=(seed_spec, seed_spec),
                              check_vma=False)(*per_seed, *shared)
 
-    return SeedLayout(local.name, lambda fn, keys: place(local.stack(local.init(fn, keys))), _same, place,
-                      over_devices, len(devices))
+    return SeedLayout(local.name, lambda fn, keys: unstack(local.stack(local.init(fn, keys))), stack, unstack,
+                      over_devices, count)
 
 
 def _local_seed_layout(name: str) -> SeedLayout:
