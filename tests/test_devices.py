@@ -37,9 +37,11 @@ TWO_DEVICES = textwrap.dedent("""
         summary = train(config, Path(sys.argv[1]) / name, progress=False)
         # The devices the compiled iteration's outputs live on: the program itself is split, not just labelled.
         trainer = make_trainer(config)
-        compiled = trainer.iterate.lower(trainer.init(seed_keys(config)), jnp.int32(0)).compile()
+        states = trainer.init(seed_keys(config))
+        compiled = trainer.iterate.lower(states, jnp.int32(0)).compile()
         used = sorted({len(s.device_set) for s in jax.tree.leaves(compiled.output_shardings)})
-        out[name] = [summary["devices"], summary["seed_layout"], used]
+        # Slots: unroll keeps every seed of a device in its own (one per device), vmap all seeds in one.
+        out[name] = [summary["devices"], summary["seed_layout"], used, len(states)]
     print(json.dumps(out))
 """)
 
@@ -71,7 +73,8 @@ def one_device(tmp_path: Path, layout: str) -> Path:
 
 def test_seeds_run_on_both_devices(spread):
     _, info = spread
-    assert info == {"unroll": [2, "unroll", [2]], "unroll-half": [2, "unroll", [2]], "vmap": [2, "vmap", [2]]}
+    assert info == {"unroll": [2, "unroll", [2], 2], "unroll-half": [2, "unroll", [2], 2],
+                    "vmap": [2, "vmap", [2], 1]}
 
 
 def test_unroll_over_two_devices_is_the_one_device_run(spread, tmp_path):

@@ -361,7 +361,7 @@ def _spread_seed_layout(local: SeedLayout, devices: list[jax.Device]) -> SeedLay
     count = len(devices)
     mesh = jax.sharding.Mesh(np.array(devices), ("seed",))
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
-    per_slot = local.name == "vmap"  # seeds per device in a slot is K (vmap) or 1 (unroll)
+    one_slot = local.name == "vmap"  # vmap: one slot, K seeds a device; unroll: K slots, one seed a device
 
     def stack(slots):  # -> leaves (S, ...), seeds in order
         def seeds_in_order(*xs):  # each (D * w, ...) -> (D, w, ...), side by side -> (D, K, ...) -> (S, ...)
@@ -372,7 +372,7 @@ def _spread_seed_layout(local: SeedLayout, devices: list[jax.Device]) -> SeedLay
 
     def unstack(stacked):  # the way back, each slot placed split over the devices
         seeds = jax.tree.leaves(stacked)[0].shape[0]
-        width = seeds // count if per_slot else 1
+        width = seeds // count if one_slot else 1
         def slot(j):
             def take(x):
                 part = x.reshape(count, seeds // count, *x.shape[1:])[:, j * width:(j + 1) * width]
@@ -381,10 +381,10 @@ def _spread_seed_layout(local: SeedLayout, devices: list[jax.Device]) -> SeedLay
         return tuple(slot(j) for j in range(seeds // count // width))
 
     def from_slots(slots):  # one device's slots -> its seeds in the local layout
-        return slots[0] if per_slot else tuple(jax.tree.map(lambda x: x[0], s) for s in slots)
+        return slots[0] if one_slot else tuple(jax.tree.map(lambda x: x[0], s) for s in slots)
 
     def to_slots(states):
-        return (states,) if per_slot else tuple(jax.tree.map(lambda x: x[None], s) for s in states)
+        return (states,) if one_slot else tuple(jax.tree.map(lambda x: x[None], s) for s in states)
 
     def over_devices(fn, seeds, stats, *shared):
         per_seed = (seeds,) if stats is None else (seeds, stats)
