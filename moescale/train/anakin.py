@@ -364,6 +364,9 @@ def _spread_seed_layout(local: SeedLayout, devices: list[jax.Device]) -> SeedLay
     one_slot = local.name == "vmap"  # vmap: one slot, K seeds a device; unroll: K slots, one seed a device
 
     def stack(slots):  # -> leaves (S, ...), seeds in order
+        if len(slots) == 1:  # vmap's one slot (or unroll's with one seed a device) is in seed order already
+            return slots[0]
+
         def seeds_in_order(*xs):  # each (D * w, ...) -> (D, w, ...), side by side -> (D, K, ...) -> (S, ...)
             per_device = [x.reshape(count, x.shape[0] // count, *x.shape[1:]) for x in xs]
             joined = jnp.concatenate(per_device, axis=1)

@@ -333,7 +333,8 @@ def _analyze(config: TrainConfig, trainer: Any, states: Any, iteration: int, out
     for s, row in enumerate(rows):
         row.update({name: float(values[s]) for name, values in found.items()})
     layout = trainer.layout
-    # Stacked states (vmap, or seeds spread over devices) hold every seed's parameters with a seed axis already.
+    # Layouts holding a tuple (unroll: a state per seed; seeds spread over devices: slots) stack their elements'
+    # parameters; vmap's one state holds every seed's with a seed axis already.
     params = layout.stack([s.agent.params for s in states]) if isinstance(states, tuple) else states.agent.params
     save_snapshot(out, iteration, params)
 
