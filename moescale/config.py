@@ -226,7 +226,8 @@ class TrainConfig:
     # dense minatar-dqn seeds on 2 cores, 1.6x the vmap throughput; BENCHMARKS.md); compile time grows with
     # the seed count. "auto": unroll on CPU, vmap on accelerators.
     seed_layout: str = "auto"
-    # How many devices the seeds are spread over, each device running its share in the seed layout above:
+    # How many devices the seeds are spread over, each device running its share in the seed layout above (the
+    # host trainer for Atari and gym: environments vmaps each device's share):
     # None takes the most local devices that divide the seeds evenly (one device when JAX sees one; on CPU,
     # the environment variable JAX_NUM_CPU_DEVICES=N makes N host devices).
     devices: int | None = None

@@ -46,9 +46,46 @@ TWO_DEVICES = textwrap.dedent("""
 """)
 
 
+# The host trainer (gym: environments, Atari): 2 seeds over 2 devices, one each.
+HOST = ["env=gym:CartPole-v1", "seeds=2", "iteration_steps=200", "agent.min_replay=100", "num_envs=2",
+        "agent.update_period=2", "eval_episodes=2", "eval_max_steps=50", "checkpoint_every=1"]
+
+HOST_TWO_DEVICES = textwrap.dedent("""
+    import json, shutil, sys
+    from pathlib import Path
+    import jax
+    jax.config.update("jax_num_cpu_devices", 2)
+    from moescale.presets import apply_overrides, get_preset
+    from moescale.train.run import raise_budget, train
+    from moescale.train.sebulba import build_host_run
+    root, sets = Path(sys.argv[1]), json.loads(sys.argv[2])
+    out = {}
+    for name, steps in (("host", 400), ("host-half", 200)):
+        config = apply_overrides(get_preset("classic-dqn"), [*sets, f"steps={steps}"])
+        out[name] = train(config, root / name, progress=False)["devices"]
+    # The half run goes on here, on two devices, from a copy; the tests resume the original on one.
+    shutil.copytree(root / "host-half", root / "host-resumed")
+    raise_budget(root / "host-resumed", 400)
+    out["host-resumed"] = train(None, root / "host-resumed", resume=True, progress=False)["devices"]
+    # Where the states live: split over both devices, not just labelled.
+    run = build_host_run(config)
+    states, keys = run.init(jax.random.split(jax.random.key(0), 2))
+    run.close()
+    out["placed"] = sorted({len(x.sharding.device_set) for x in jax.tree.leaves((states, keys))})
+    print(json.dumps(out))
+""")
+
+
 def rows(run_dir) -> list[dict]:
     with (run_dir / "metrics.csv").open() as f:
         return [{k: float(v) for k, v in r.items() if k not in TIMING} for r in csv.DictReader(f)]
+
+
+def assert_same_to_rounding(two: list[dict], one: list[dict]) -> None:
+    assert [(r["iteration"], r["seed"], r["episodes"]) for r in two] == [
+        (r["iteration"], r["seed"], r["episodes"]) for r in one]
+    for key in ("train_return", "eval_return", "loss", "mean_q"):
+        np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=1e-4, err_msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +124,7 @@ def test_vmap_over_two_devices_matches_one_device_to_rounding(spread, tmp_path):
     # vmap batches 2 seeds per device instead of 4 on one: the same arithmetic in other matmul shapes, so the
     # metrics agree to float rounding (not bit for bit).
     root, _ = spread
-    two, one = rows(root / "vmap"), rows(one_device(tmp_path, "vmap"))
-    assert [(r["iteration"], r["seed"], r["episodes"]) for r in two] == [
-        (r["iteration"], r["seed"], r["episodes"]) for r in one]
-    for key in ("train_return", "eval_return", "loss", "mean_q"):
-        np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], rtol=1e-4, err_msg=key)
+    assert_same_to_rounding(rows(root / "vmap"), rows(one_device(tmp_path, "vmap")))
 
 
 def test_a_two_device_checkpoint_resumes_on_one_device(spread, tmp_path):
@@ -118,3 +151,38 @@ def test_device_count_is_checked():
         make_trainer(config)
     # None takes the most devices that divide the seeds: here the one there is.
     assert len(seed_devices(apply_overrides(config, ["devices=null"]))) == 1
+    from moescale.train.sebulba import build_host_run
+
+    with pytest.raises(ValueError, match=r"devices=2: at most the 1 local cpu device\(s\)"):
+        build_host_run(apply_overrides(config, ["env=gym:CartPole-v1"]))
+
+
+@pytest.fixture(scope="module")
+def host_spread(tmp_path_factory):
+    """Host-trainer runs of 2 seeds on 2 host devices (in a subprocess): 2 iterations, 1 iteration, and that one
+    resumed there for a second."""
+    root = tmp_path_factory.mktemp("host-spread")
+    done = subprocess.run([sys.executable, "-c", HOST_TWO_DEVICES, str(root), json.dumps(HOST)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_host_trainer_splits_seeds_over_two_devices(host_spread, tmp_path):
+    # Each device vmaps its one seed instead of two on one device: the same per-seed arithmetic in other batch
+    # shapes, so the run matches the one-device run to float rounding.
+    root, info = host_spread
+    assert info == {"host": 2, "host-half": 2, "host-resumed": 2, "placed": [2]}
+    one = train(apply_overrides(get_preset("classic-dqn"), [*HOST, "steps=400"]), tmp_path / "one", progress=False)
+    assert one["devices"] == 1
+    assert_same_to_rounding(rows(root / "host"), rows(tmp_path / "one"))
+
+
+def test_a_two_device_host_checkpoint_resumes_on_one_device(host_spread, tmp_path):
+    # A resumed host run starts fresh episodes, so it is compared with the same checkpoint resumed on two devices.
+    root, _ = host_spread
+    half = tmp_path / "half"
+    shutil.copytree(root / "host-half", half)
+    raise_budget(half, 400)
+    assert train(None, half, resume=True, progress=False)["devices"] == 1
+    assert_same_to_rounding(rows(half), rows(root / "host-resumed"))

@@ -15,7 +15,9 @@ so environment stepping, host sampling and device learning overlap instead of ta
 as in the compiled trainer: one per update_period agent steps once min_replay steps were taken, the target
 copied every target_update_period steps. Prioritized replay gets the new priorities when the updates'
 results come back (the same loop step). Every seed has its own replay, keys and environments; the device
-functions are vmapped over seeds.
+functions are vmapped over seeds, and with several devices (config `devices`, as in the compiled trainer) split
+over them: each device runs the vmap for its S/D seeds (seed s on device s // (S/D)), gets only its seeds' batches
+from the host and keeps its seeds' states from call to call.
 
 Checkpoints hold the agents, keys and replays (in host/ as .npy). Environment states are not checkpointed
 (the ALE offers no batched snapshot): a resumed run starts fresh episodes, the episode in progress is dropped
@@ -35,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from moescale.agents import epsilon_schedule, make_dqn, priority_beta
@@ -45,6 +48,7 @@ from moescale.envs.host import HostEnv, episode_returns, make_host_env, stack_to
 from moescale.networks import build_network
 from moescale.replay.frames import FrameReplay
 from moescale.replay.nstep import LearnBatch
+from moescale.train.anakin import seed_devices
 from moescale.train.checkpoint import latest_checkpoint, load_checkpoint, load_host_arrays, save_checkpoint
 
 PRIORITY_FLOOR = 1e-6  # as the compiled trainer: every transition stays sampleable (Schaul et al. 2016, 3.3)
@@ -66,6 +70,8 @@ class HostRun:
     update: Any  # (states, batch (S, B, ...), keys) -> (states, metrics (S, ...), keys)
     sync: Any  # states -> states with target = online
     analyze: Any  # (states, batch (S, B, ...), keys (S,)) -> network_metrics of every seed, leaves (S,)
+    init: Any  # keys (S,) -> (states, keys): each seed's agent initialized from its key, both placed as the others
+    devices: int  # the seeds are split over this many devices
 
     def close(self) -> None:
         """Release the environments."""
@@ -73,9 +79,27 @@ class HostRun:
         self.eval_env.close()
 
 
+def over_seeds(fn: Any, in_axes: tuple[int | None, ...], devices: list[jax.Device], donate: tuple[int, ...] = ()):
+    """fn vmapped over the seeds (the leading axis of the arguments whose in_axes is 0, the others shared) and
+    jitted. With several devices the seeds are split over a one-axis mesh of them, S/D a device: each device
+    runs the vmap for its own seeds (no data crosses devices), host arguments are sent split, one part to each
+    device, and the outputs stay split, so states donated back in are updated where they are."""
+    vmapped = jax.vmap(fn, in_axes=in_axes)
+    if len(devices) < 2:
+        return jax.jit(vmapped, donate_argnums=donate)
+    mesh = jax.sharding.Mesh(np.array(devices), ("seed",))
+    specs = tuple(P("seed") if axis == 0 else P() for axis in in_axes)
+    # check_vma off, as in the compiled trainer: the per-seed code mixes per-device values with constants (a
+    # gradient's cotangent seeds), which its typing would want cast; nothing crosses devices for it to catch.
+    split = jax.shard_map(vmapped, mesh=mesh, in_specs=specs, out_specs=P("seed"), check_vma=False)
+    return jax.jit(split, in_shardings=tuple(jax.sharding.NamedSharding(mesh, spec) for spec in specs),
+                   out_shardings=jax.sharding.NamedSharding(mesh, P("seed")), donate_argnums=donate)
+
+
 def build_host_run(config: TrainConfig) -> HostRun:
     """Environments, network, agent, replays and jitted seed-vmapped functions of a host-loop run."""
     acfg, seeds, num_envs = config.agent, config.seeds, config.num_envs
+    devices = seed_devices(config)
     env = make_host_env(config.env, seeds * num_envs, config.sticky_prob, config.max_episode_steps, config.seed)
     eval_env = make_host_env(config.env, seeds * config.eval_episodes, config.sticky_prob, config.max_episode_steps,
                              config.seed + EVAL_SEED)
@@ -96,9 +120,11 @@ def build_host_run(config: TrainConfig) -> HostRun:
             action = agent.act(params, obs, key_act, epsilon_schedule(step, acfg))
         return action, key
 
-    @functools.partial(jax.jit, static_argnames="greedy")
-    def act(params: Any, stacks: jax.Array, keys: jax.Array, step: jax.Array, greedy: bool = False) -> tuple:
-        return jax.vmap(act_one, in_axes=(0, 0, 0, None, None))(params, stacks, keys, step, greedy)
+    acts = {greedy: over_seeds(functools.partial(act_one, greedy=greedy), (0, 0, 0, None), devices)
+            for greedy in (False, True)}
+
+    def act(params: Any, stacks: jax.Array, keys: jax.Array, step: Any, greedy: bool = False) -> tuple:
+        return acts[greedy](params, stacks, keys, step)
 
     def learn_batch(batch: dict[str, jax.Array]) -> LearnBatch:
         return LearnBatch(obs=stack_to_obs(batch["obs"], frame_ndim), action=batch["action"],
@@ -113,9 +139,13 @@ def build_host_run(config: TrainConfig) -> HostRun:
     def analyze_one(state: Any, batch: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
         return network_metrics(network, agent.loss, state.params, state.target_params, learn_batch(batch), key)
 
-    update = jax.jit(jax.vmap(update_one), donate_argnums=0)
-    sync = jax.jit(jax.vmap(agent.sync_target), donate_argnums=0)
-    return HostRun(config, env, eval_env, network, agent, replays, act, update, sync, jax.jit(jax.vmap(analyze_one)))
+    return HostRun(config, env, eval_env, network, agent, replays, act,
+                   update=over_seeds(update_one, (0, 0, 0), devices, donate=(0,)),
+                   sync=over_seeds(agent.sync_target, (0,), devices, donate=(0,)),
+                   analyze=over_seeds(analyze_one, (0, 0, 0), devices),
+                   # One program for every seed's initial state (eagerly, each initializer op would compile alone).
+                   init=over_seeds(lambda key: (agent.init(jax.random.fold_in(key, 1)), key), (0,), devices),
+                   devices=len(devices))
 
 
 @dataclasses.dataclass
@@ -252,8 +282,7 @@ def train_host(config: TrainConfig, out: Path, resume: bool, progress: bool) -> 
     run = build_host_run(config)
     try:
         keys = jax.random.split(jax.random.key(config.seed), config.seeds)
-        # One program for every seed's initial state (eagerly, each initializer op would compile on its own).
-        states = jax.jit(jax.vmap(lambda k: run.agent.init(jax.random.fold_in(k, 1))))(keys)
+        states, keys = run.init(keys)  # the keys too: placed as the functions taking them expect
         iteration, rows, prior_wall, ckpt_dir = 0, [], 0.0, out / "checkpoints"
         episodes = np.zeros(config.seeds, np.int64)
         env_seed = config.seed
@@ -347,7 +376,7 @@ def host_summary(run: HostRun, rows: list[dict], sps: float, wall: float, versio
         "seeds": config.seeds, "agent_steps": config.iterations * config.iteration_steps,
         "final_eval_return": final, "mean_final_eval_return": float(np.mean(final)) if final else math.nan,
         "wall_seconds": wall, "compile_seconds": None,  # compiled on first use inside the loop
-        "agent_steps_per_second": sps, "seed_layout": "vmap", "trainer": "host",
+        "agent_steps_per_second": sps, "seed_layout": "vmap", "devices": run.devices, "trainer": "host",
         "params": run.network.info.params, "forward_flops": run.network.info.forward_flops,
         "replay_bytes_per_seed": run.replays[0].nbytes(), "offline": None,
         "protocol": {**run.env.protocol(), "life_loss_terminal": config.life_loss_terminal},
