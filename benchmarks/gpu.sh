@@ -8,7 +8,8 @@
 #       bash benchmarks/gpu.sh exec "$OUT" python3 -m moescale.cli study studies/x.yaml --out studies/x
 #
 # PART is one of
-#   check       imports every module the other parts use and lists the presets (a first call, seconds)
+#   check       imports every module the other parts use, lists the presets and trains two tiny runs (compiled
+#               trainer on CartPole, 2 seeds; host trainer on gym:CartPole-v1): a first call, about a minute
 #   profile     device time per kernel (benchmarks/kernel_profile.py): dense at 1 and 16 seeds, 16 seeds with
 #               network.conv=matmul, and 16 seeds with 4 environments each
 #   throughput  compiled trainer vs host loop at 1 and 16 seeds (1 and 4 environments per seed), lax and
@@ -69,6 +70,12 @@ case $part in
     python3 -c "import moescale.train.run, moescale.train.sebulba, moescale.envs.host, moescale.study.runner; print('imports: ok')"
     python3 -m moescale.cli presets
     (cd benchmarks && python3 -c "import throughput, kernel_profile, atari, learning; print('benchmarks: ok')")
+    tiny="--preset classic-dqn --seeds 2 --steps 2000 --set iteration_steps=1000 --set agent.min_replay=500 --force"
+    # shellcheck disable=SC2086  # $tiny holds several words on purpose
+    python3 -m moescale.cli train --env CartPole-v1 $tiny --out "$out/smoke-compiled" > "$out/smoke.txt" 2>&1
+    # shellcheck disable=SC2086
+    python3 -m moescale.cli train --env gym:CartPole-v1 $tiny --out "$out/smoke-host" >> "$out/smoke.txt" 2>&1
+    grep -H -E '"(trainer|device|devices|agent_steps_per_second|mean_final_eval_return)"' "$out"/smoke-*/summary.json
     ;;
   profile)
     for args in "--seeds 1" "--seeds 16" "--seeds 16 --set network.conv=matmul" "--seeds 16 --set num_envs=4"; do
