@@ -261,6 +261,30 @@ class TestExperts:
             Experts(num_experts=4, hidden=H).init(KEY, jnp.zeros((3, 2, 8)))
 
 
+@pytest.mark.parametrize("e,n,h,d", [(4, 800, 512, 16), (3, 2, 16, 8), (1, 1, 1, 1), (2, 31, 5, 7)])
+def test_second_matmul_is_matmul_with_a_faster_gradient(e, n, h, d):
+    # (4, 800, 512, 16): Soft MoE-4's experts on MinAtar, batch 32; (3, 2, 16, 8) once crashed XLA:CPU's dot
+    # emitter when the barrier held the transposed array unflattened.
+    from moescale.layers.experts import second_matmul
+
+    hid, w2, dy = normal((e, n, h), seed=1), normal((e, h, d), seed=2), normal((e, n, d), seed=3)
+    fwd = jax.jit(second_matmul)(hid, w2)
+    assert np.array_equal(fwd, jax.jit(jnp.matmul)(hid, w2))  # the output is jnp.matmul's, bit for bit
+
+    def grads(f):
+        return jax.jit(jax.grad(lambda a, b: jnp.sum(f(a, b) * dy), argnums=(0, 1)))(hid, w2)
+
+    (g_hid, g_w2), (m_hid, _) = grads(second_matmul), grads(jnp.matmul)
+    assert np.array_equal(g_hid, m_hid)
+    want = np.einsum("enh,end->ehd", hid.astype(np.float64), dy.astype(np.float64))  # hid^T dy per expert
+    assert g_w2.shape == (e, h, d) and rel_err(g_w2, want) < REL_TOL
+    # Forward mode (the NTK metric's jvp) goes through the same rule.
+    t_hid, t_w2 = normal((e, n, h), seed=4), normal((e, h, d), seed=5)
+    tangent = jax.jvp(second_matmul, (hid, w2), (t_hid, t_w2))[1]
+    want = np.matmul(t_hid.astype(np.float64), w2) + np.matmul(hid.astype(np.float64), t_w2)
+    assert rel_err(tangent, want) < REL_TOL
+
+
 class TestExpertParamCount:
     def test_matches_module(self):
         # 4 * (8*16 + 16 + 16*8 + 8) = 4 * 280 = 1120

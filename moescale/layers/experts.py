@@ -57,10 +57,33 @@ class Experts(nn.Module):
         hid = nn.relu(hid)
         # Neurons are (expert, hidden unit) pairs, averaged over every slot or token routed to the expert.
         sow_activation(self, "hidden", jnp.moveaxis(hid, 0, 1), units=e * h)
-        y = jnp.matmul(hid, w2)  # (E, N, D)
+        y = second_matmul(hid, w2)  # (E, N, D)
         if b2 is not None:
             y = y + b2[:, None, :]
         return jnp.moveaxis(y.reshape(e, *lead, c, d), 0, -3)  # (..., E, C, D)
+
+
+@jax.custom_jvp
+def second_matmul(hid: jax.Array, w2: jax.Array) -> jax.Array:
+    """hid (..., N, H) @ w2 (..., H, D) -> (..., N, D), jnp.matmul with w2's gradient computed faster on CPU.
+
+    That gradient, hid^T dy contracted over the N items, XLA:CPU computes 3.8x faster with its small D leading,
+    as (D, H), than trailing (Soft MoE-4 on MinAtar: E = 4 experts, N = 800, H = 512, D = 16: 0.61 against
+    2.35 ms), but its simplifier folds a plain transpose of the (D, H) result back into the slow form. So the
+    tangent rule takes w2's tangent through a barrier as (..., D * H): reverse mode transposes it into the fast
+    product, then the barrier, then the transpose. Outputs and hid's gradient are those of jnp.matmul, bit for
+    bit; w2's gradient agrees to float rounding.
+    """
+    return jnp.matmul(hid, w2)
+
+
+@second_matmul.defjvp
+def _second_matmul_jvp(primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+    (hid, w2), (d_hid, d_w2) = primals, tangents
+    *lead, h, d = w2.shape
+    # Flattened, the transposed tangent has to be laid out as (D, H) in memory: no layout can make it a view.
+    d_w2t = jax.lax.optimization_barrier(jnp.swapaxes(d_w2, -1, -2).reshape(*lead, d * h)).reshape(*lead, d, h)
+    return jnp.matmul(hid, w2), jnp.matmul(d_hid, w2) + jnp.einsum("...nh,...dh->...nd", hid, d_w2t)
 
 
 def expert_param_count(num_experts: int, dim: int, hidden: int) -> int:
