@@ -54,7 +54,7 @@ def trainer_sps(config, calls: int, repeats: int) -> list[float]:
     run = build_host_run(config)
     try:
         keys = jax.random.split(jax.random.key(0), config.seeds)
-        states = jax.vmap(run.agent.init)(keys)
+        states, keys = run.init(keys)
         loop = _Loop(run, run.env.reset(0))
         step, out = 0, []
         window = calls * config.num_envs
@@ -77,7 +77,7 @@ def sequential_sps(config, calls: int, repeats: int) -> list[float]:
     replay = run.replays[0]
     try:
         keys = jax.random.split(jax.random.key(0), 1)
-        states = jax.vmap(run.agent.init)(keys)
+        states, keys = run.init(keys)
         stacks = run.env.reset(0)
         first = np.ones(envs, np.bool_)
         step, out = 0, []
