@@ -349,6 +349,12 @@ def make_seed_layout(layout: str, devices: list[jax.Device] | None = None) -> Se
     return local if devices is None or len(devices) < 2 else _spread_seed_layout(local, devices)
 
 
+def seed_mesh(devices: list[jax.Device]) -> jax.sharding.Mesh:
+    """The one-axis mesh ("seed") that runs spread over devices split their seeds on (this trainer and the host
+    trainer alike)."""
+    return jax.sharding.Mesh(np.array(devices), ("seed",))
+
+
 def _spread_seed_layout(local: SeedLayout, devices: list[jax.Device]) -> SeedLayout:
     """`local` run on every device for its share of the seeds, K = S / D of them, seed s on device s // K.
 
@@ -359,7 +365,7 @@ def _spread_seed_layout(local: SeedLayout, devices: list[jax.Device]) -> SeedLay
     iteration's start and stacked again at its end, its replay included).
     """
     count = len(devices)
-    mesh = jax.sharding.Mesh(np.array(devices), ("seed",))
+    mesh = seed_mesh(devices)
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("seed"))
     one_slot = local.name == "vmap"  # vmap: one slot, K seeds a device; unroll: K slots, one seed a device
 

@@ -48,7 +48,7 @@ from moescale.envs.host import HostEnv, episode_returns, make_host_env, stack_to
 from moescale.networks import build_network
 from moescale.replay.frames import FrameReplay
 from moescale.replay.nstep import LearnBatch
-from moescale.train.anakin import seed_devices
+from moescale.train.anakin import seed_devices, seed_mesh
 from moescale.train.checkpoint import latest_checkpoint, load_checkpoint, load_host_arrays, save_checkpoint
 
 PRIORITY_FLOOR = 1e-6  # as the compiled trainer: every transition stays sampleable (Schaul et al. 2016, 3.3)
@@ -87,7 +87,7 @@ def over_seeds(fn: Any, in_axes: tuple[int | None, ...], devices: list[jax.Devic
     vmapped = jax.vmap(fn, in_axes=in_axes)
     if len(devices) < 2:
         return jax.jit(vmapped, donate_argnums=donate)
-    mesh = jax.sharding.Mesh(np.array(devices), ("seed",))
+    mesh = seed_mesh(devices)
     specs = tuple(P("seed") if axis == 0 else P() for axis in in_axes)
     # check_vma off, as in the compiled trainer: the per-seed code mixes per-device values with constants (a
     # gradient's cotangent seeds), which its typing would want cast; nothing crosses devices for it to catch.
