@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from moescale.config import NetworkConfig
 from moescale.networks import build_network
+from moescale.train.run import host_cpu
 
 BATCH = 32
 NUM_ACTIONS = 6
@@ -112,7 +113,7 @@ def table(rows: list[dict]) -> str:
 def machine() -> str:
     """One line naming the machine and versions."""
     dev = jax.devices()[0]
-    return (f"{platform.machine()} {os.cpu_count()} cores, {dev.platform}:{dev.device_kind}, "
+    return (f"{platform.machine()} {os.cpu_count()} cores ({host_cpu()}), {dev.platform}:{dev.device_kind}, "
             f"jax {jax.__version__}, python {platform.python_version()}")
 
 

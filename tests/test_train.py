@@ -273,3 +273,14 @@ class TestAnalysisDuringTraining:
         for s in range(2):
             norm = float(tree_norm(jax.tree.map(lambda x, s=s: x[s], params)))
             assert norm == pytest.approx(table[2 + s]["param_norm"], rel=1e-5)
+
+
+def test_host_cpu_names_model_and_widest_vector_unit():
+    from moescale.train.run import host_cpu
+
+    epyc = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse sse2 avx avx2 fma avx512f avx512bw\n\n"
+    assert host_cpu(epyc + epyc.replace(": 0", ": 1")) == "AMD EPYC, AVX-512"
+    assert host_cpu("model name : Intel Xeon\nflags : sse2 avx avx2 fma\n") == "Intel Xeon, AVX2"
+    assert host_cpu("model name : Old\nflags : sse sse2\n") == "Old"
+    assert host_cpu("CPU part : 0xd0c\nFeatures : fp asimd evtstrm\n") == "0xd0c, NEON"
+    assert host_cpu().strip()  # this machine's, from /proc/cpuinfo where there is one

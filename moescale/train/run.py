@@ -129,9 +129,31 @@ def versions() -> dict[str, str]:
 
 
 def device_name() -> str:
-    """The device the program runs on, in words."""
+    """The device the program runs on, in words, with the host CPU (see `host_cpu`)."""
     dev = jax.devices()[0]
-    return f"{dev.platform}:{dev.device_kind} x{jax.device_count()} ({os.cpu_count()} host cores)"
+    return f"{dev.platform}:{dev.device_kind} x{jax.device_count()} ({os.cpu_count()} host cores, {host_cpu()})"
+
+
+def host_cpu(cpuinfo: str | None = None) -> str:
+    """The host CPU's model and widest vector unit, e.g. "AMD EPYC, AVX-512", from /proc/cpuinfo (or the text given).
+
+    Why: XLA:CPU's matmul kernels pick their code path by the vector unit, so the same run gives different float
+    rounding, hence different returns, on an AVX2 and an AVX-512 machine (the MinAtar demo's dense seeds did);
+    a result is bitwise reproducible on a machine with the same CPU kind.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)  # the last CPU's; all match
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    model = fields.get("model name") or fields.get("CPU part") or platform.machine()
+    flags = set(fields.get("flags", fields.get("Features", "")).split())
+    for flag, unit in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sve", "SVE"), ("asimd", "NEON")):
+        if flag in flags:
+            return f"{model}, {unit}"
+    return model
 
 
 def _read_rows(path: Path, upto_iteration: int) -> list[dict[str, Any]]:
