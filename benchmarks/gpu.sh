@@ -10,8 +10,8 @@
 # PART is one of
 #   check       imports every module the other parts use, lists the presets and trains two tiny runs (compiled
 #               trainer on CartPole, 2 seeds; host trainer on gym:CartPole-v1): a first call, about a minute
-#   profile     device time per kernel (benchmarks/kernel_profile.py): dense at 1 and 16 seeds, 16 seeds with
-#               network.conv=matmul, and 16 seeds with 4 environments each
+#   profile     device time per kernel (benchmarks/kernel_profile.py): dense at 1 and 16 seeds (the preset's
+#               matmul convolution), 16 seeds with network.conv=lax, and 16 seeds with 4 environments each
 #   throughput  compiled trainer vs host loop at 1 and 16 seeds (1 and 4 environments per seed), lax and
 #               matmul convolutions in turns; writes the GPU throughput section
 #   atari       host/device Atari trainer at 4 and 8 environments, and 8 with network.conv=matmul, each section
@@ -78,7 +78,7 @@ case $part in
     grep -H -E '"(trainer|device|devices|agent_steps_per_second|mean_final_eval_return)"' "$out"/smoke-*/summary.json
     ;;
   profile)
-    for args in "--seeds 1" "--seeds 16" "--seeds 16 --set network.conv=matmul" "--seeds 16 --set num_envs=4"; do
+    for args in "--seeds 1" "--seeds 16" "--seeds 16 --set network.conv=lax" "--seeds 16 --set num_envs=4"; do
       echo "== kernel_profile.py --arch dense $args"
       # shellcheck disable=SC2086  # $args holds several words on purpose
       python3 benchmarks/kernel_profile.py --arch dense --layout vmap --iterations 2 --top 12 $args
@@ -101,8 +101,7 @@ case $part in
     runs=runs/learning-gpu
     status=0
     timeout "${LEARN_SECONDS:-540}" python3 benchmarks/learning.py run --out $runs --steps 5000000 --seeds 3 \
-      --presets minatar-dqn,minatar-rainbow --games Breakout,SpaceInvaders \
-      --set network.conv=matmul > "$out/learn.txt" 2>&1 || status=$?
+      --presets minatar-dqn,minatar-rainbow --games Breakout,SpaceInvaders > "$out/learn.txt" 2>&1 || status=$?
     tail -c 2000 "$out/learn.txt"
     [[ $status == 124 ]] && echo "stopped after ${LEARN_SECONDS:-540} s: run the part again to go on"
     for run in $runs/*/; do

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4000, help="timed agent steps after min_replay")
     parser.add_argument("--set", action="append", default=[], help="config override, e.g. network.moe=softmoe")
     args = parser.parse_args(argv)
-    config = apply_overrides(get_preset("minatar-dqn"), args.set)
+    config = apply_overrides(get_preset("minatar-dqn"), ["network.conv=lax", *args.set])  # as usually written
     print(f"host loop, {config.env}, {config.network.moe}: {host_loop_sps(config, args.steps):,.0f} agent steps/s")
     return 0
 

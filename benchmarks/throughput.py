@@ -13,7 +13,8 @@ in ~98% of steps and so skips most forward passes (the compiled act computes the
 together, since S seeds need S times the updates: what a loop would reach if acting, stepping and storing were free
 and an update cost what a standalone call does (the state donated, so updated in place as in a loop). It is no
 strict bound: a compiled loop can overlap or fuse work across calls. `--conv lax,matmul` times every compiled run
-with each encoder convolution (network.conv: lax's convolution, or a matmul over patches) side by side; their
+and the host loop with each encoder convolution (network.conv: lax's convolution, or a matmul over patches; by
+default the preset's) side by side, and compares each compiled run with the host loop of its convolution; their
 updates are timed in turns too. A run SEEDS:LAYOUT:ENVS:DEVICES spreads its seeds over DEVICES devices (config
 `devices`); on CPU, `--host-devices N` makes JAX see N host devices, and every row then runs in that process.
 
@@ -115,10 +116,13 @@ def timed_rows(arch: str, runs: list[tuple[int, str, int, int]], convs: list[str
     iteration of `iteration_steps` agent steps per seed each per round, so a slow spell of the machine hits
     all alike."""
     rows = []
-    for loop, sets in (("host loop (reference)", DECAYED), ("host loop, early epsilon", [])):
-        host = HostLoop(apply_overrides(get_preset("minatar-dqn"), ARCHS[arch] + sets))  # lax's convolution
+    # One reference per convolution: a compiled row is compared with the host loop of the same network (the
+    # matmul form speeds up the host loop's one-observation forward passes too).
+    hosts = [*(("host loop (reference)", DECAYED, conv) for conv in convs), ("host loop, early epsilon", [], convs[0])]
+    for loop, sets, conv in hosts:
+        host = HostLoop(apply_overrides(get_preset("minatar-dqn"), [*ARCHS[arch], *sets, f"network.conv={conv}"]))
         host.warm_up()
-        rows.append({"loop": loop, "arch": arch, "seeds": 1, "envs": 1, "devices": 1, "conv": "lax",
+        rows.append({"loop": loop, "arch": arch, "seeds": 1, "envs": 1, "devices": 1, "conv": conv,
                      "compile_s": None, "time": functools.partial(host.sps, iteration_steps), "rates": []})
     for seeds, layout, envs, devices in runs:
         for conv in convs:
@@ -177,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iteration-steps", type=int, default=2000, help="agent steps per seed per timing")
     parser.add_argument("--runs", default=RUNS,
                         help=f"compiled runs as SEEDS:LAYOUT[:ENVS[:DEVICES]],... (default {RUNS})")
-    parser.add_argument("--conv", default="lax",
-                        help="comma list of encoder convolutions to compare side by side: lax, matmul")
+    parser.add_argument("--conv", default=get_preset("minatar-dqn").network.conv,
+                        help="comma list of encoder convolutions to compare side by side: lax, matmul (default: the "
+                             "preset's)")
     parser.add_argument("--host-devices", type=int, default=None,
                         help="on CPU, make this many host devices (XLA's host device count) for runs that spread "
                              "their seeds over several (SEEDS:LAYOUT:ENVS:DEVICES)")
@@ -208,14 +213,14 @@ def main(argv: list[str] | None = None) -> int:
              "| vs host loop | standalone-update rate | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arch in archs:
         update_rates = {conv: get_preset("minatar-dqn").agent.update_period / (ms / 1e3)
-                        for conv, ms in update_ms(arch, list(dict.fromkeys(["lax", *convs]))).items()}
+                        for conv, ms in update_ms(arch, convs).items()}
         rows = timed_rows(arch, runs, convs, args.iteration_steps, args.repeats)
-        host = rows[0]["sps"]
+        host = {r["conv"]: r["sps"] for r in rows if r["loop"] == "host loop (reference)"}
         for r in rows:
             compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
             lines.append(f"| {arch} | {r['conv']} | {r['loop']} | {r['seeds']} | {r['envs']} | {r['devices']} | "
                          f"{r['sps']:,.0f} | "
-                         f"{r['sps'] / host:.2f}x | {update_rates[r['conv']]:,.0f} | {compile_s} |")
+                         f"{r['sps'] / host[r['conv']]:.2f}x | {update_rates[r['conv']]:,.0f} | {compile_s} |")
             print(lines[-1], flush=True)
     title = "Compiled trainer throughput vs a host loop (minatar-dqn, Breakout-MinAtar)"
     if jax.default_backend() != "cpu":

@@ -12,6 +12,12 @@ import yaml
 from moescale import checks
 from moescale.config import AgentConfig, NetworkConfig, TrainConfig
 
+# MinAtar presets compute the encoder's convolution as a matmul over patches (network.conv=matmul): the same
+# parameters and outputs up to float rounding, and faster than lax's convolution in every configuration of the
+# compiled trainer measured on 2-core CPUs (BENCHMARKS.md, throughput table). The Atari encoders keep lax's:
+# there the matmul form was slower on CPU (Impala update 529 against 349 ms).
+MINATAR_CONV = "matmul"
+
 
 def _minatar_dqn() -> TrainConfig:
     # Revisiting Rainbow (Obando-Ceron & Castro 2021) / Dopamine MinAtar DQN: Adam 2.5e-4, eps 3.125e-4,
@@ -19,7 +25,7 @@ def _minatar_dqn() -> TrainConfig:
     # eval epsilon 0.001, gamma 0.99, MSE TD loss, 10M agent steps. Penultimate width 512 as in
     # Obando-Ceron et al. 2024.
     return TrainConfig(env="Breakout-MinAtar", preset="minatar-dqn",
-                       network=NetworkConfig(encoder="minatar", moe="dense"), agent=AgentConfig(),
+                       network=NetworkConfig(encoder="minatar", moe="dense", conv=MINATAR_CONV), agent=AgentConfig(),
                        steps=10_000_000, iteration_steps=100_000)
 
 
@@ -45,7 +51,7 @@ def _minatar_rainbow() -> TrainConfig:
     agent = dataclasses.replace(AgentConfig(), learning_rate=1e-4, n_step=3, double_q=True, prioritized=True,
                                 priority_alpha=0.5, priority_beta_start=0.4, priority_beta_steps=10_000_000)
     network = NetworkConfig(encoder="minatar", moe="dense", head="c51", num_atoms=51, v_min=-100.0, v_max=100.0,
-                            dueling=True, noisy=True)
+                            dueling=True, noisy=True, conv=MINATAR_CONV)
     return TrainConfig(env="Breakout-MinAtar", preset="minatar-rainbow", network=network, agent=agent,
                        steps=10_000_000, iteration_steps=100_000)
 
@@ -56,8 +62,9 @@ def _minatar_cql(c51: bool) -> TrainConfig:
     # and n 3. On MinAtar's network; the C51 support is the MinAtar Rainbow one (v_max 100, Revisiting Rainbow).
     agent = AgentConfig(learning_rate=6.25e-5 if c51 else 5e-5, adam_eps=1.5e-4 if c51 else 3.125e-4, batch_size=32,
                         update_period=1, target_update_period=2000, n_step=3 if c51 else 1, cql_alpha=0.1)
-    network = (NetworkConfig(encoder="minatar", moe="dense", head="c51", num_atoms=51, v_min=-100.0, v_max=100.0)
-               if c51 else NetworkConfig(encoder="minatar", moe="dense"))
+    network = (NetworkConfig(encoder="minatar", moe="dense", head="c51", num_atoms=51, v_min=-100.0, v_max=100.0,
+                             conv=MINATAR_CONV)
+               if c51 else NetworkConfig(encoder="minatar", moe="dense", conv=MINATAR_CONV))
     return TrainConfig(env="Breakout-MinAtar", preset="minatar-cql-c51" if c51 else "minatar-cql", network=network,
                        agent=agent, steps=1_000_000, iteration_steps=50_000)
 
