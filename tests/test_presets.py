@@ -23,6 +23,15 @@ class TestPresets:
         for name in PRESETS:
             assert get_preset(name).preset == name
 
+    def test_minatar_presets_convolve_as_matmul_and_atari_ones_with_lax(self):
+        convs = {name: (get_preset(name).network.encoder, get_preset(name).network.conv) for name in PRESETS}
+        assert all(conv == ("matmul" if encoder == "minatar" else "lax") for encoder, conv in convs.values())
+        assert sum(encoder == "minatar" for encoder, _ in convs.values()) == 4
+        # a config stored before the field existed reads back with lax's convolution, as it was trained
+        stored = get_preset("minatar-dqn").to_dict()
+        del stored["network"]["conv"]
+        assert TrainConfig.from_dict(stored).network.conv == "lax"
+
     def test_unknown_preset_suggests(self):
         with pytest.raises(ValueError, match="did you mean 'minatar-dqn'"):
             get_preset("minatar-dq")
