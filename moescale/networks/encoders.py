@@ -46,8 +46,10 @@ class PatchConv(nn.Module):
 
     Why: vmapped over seeds (one parameter set each), lax's convolution becomes a grouped convolution
     (feature_group_count = seeds, and batch_group_count for the kernel's gradient), where a matmul over patches
-    vmaps into a batched matmul. On the 2-core CPU the compiled MinAtar trainer ran 1.06-1.56x faster with it
-    in every configuration measured, vmapped or not (BENCHMARKS.md, throughput table).
+    vmaps into a batched matmul. On 2-core CPUs the compiled MinAtar trainer ran faster with it in every
+    configuration measured, vmapped or not: 1.1-1.7x on an AVX2 machine, 1.2-2.1x on an AVX-512 one
+    (BENCHMARKS.md, throughput table), so the MinAtar presets use it. The Atari encoders' updates are slower
+    with it on CPU.
     """
 
     features: int
