@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         config = apply_overrides(get_preset("minatar-dqn"), common + sets)
         summaries[name] = train(config, args.out / name, force=True)
         curves[name] = read_curve(args.out / name)
-    print(f"\nBreakout-MinAtar, DQN (minatar-dqn preset), {args.steps:,} agent steps per seed, 2 seeds\n")
+    device = next(iter(summaries.values()))["device"]
+    # Returns are bitwise reproducible on one CPU kind only, so the table says which it ran on.
+    print(f"\nBreakout-MinAtar, DQN (minatar-dqn preset), {args.steps:,} agent steps per seed, 2 seeds, on {device}\n")
     print("| layer | params | final eval return per seed | mean | agent steps/s (2 seeds) | compile s |")
     print("|---|---|---|---|---|---|")
     for name, s in summaries.items():
