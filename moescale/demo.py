@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         summaries[name] = train(config, args.out / name, force=True)
         curves[name] = read_curve(args.out / name)
     device = next(iter(summaries.values()))["device"]
-    # Returns are bitwise reproducible on one CPU kind only, so the table says which it ran on.
+    # Returns are bitwise reproducible on one machine, not across CPU kinds: the table says which CPU it ran on.
     print(f"\nBreakout-MinAtar, DQN (minatar-dqn preset), {args.steps:,} agent steps per seed, 2 seeds, on {device}\n")
     print("| layer | params | final eval return per seed | mean | agent steps/s (2 seeds) | compile s |")
     print("|---|---|---|---|---|---|")

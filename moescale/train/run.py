@@ -139,7 +139,7 @@ def host_cpu(cpuinfo: str | None = None) -> str:
 
     Why: XLA:CPU's matmul kernels pick their code path by the vector unit, so the same run gives different float
     rounding, hence different returns, on an AVX2 and an AVX-512 machine (the MinAtar demo's dense seeds did);
-    a result is bitwise reproducible on a machine with the same CPU kind.
+    a result is bitwise reproducible on one machine.
     """
     if cpuinfo is None:
         try:
