@@ -95,6 +95,25 @@ class TestHostEnvs:
         assert [r["agent_steps"] for r in rows] == [100_000, 100_000] and rows[0]["params"] < rows[1]["params"]
         assert 0 < update_seconds(gym.groups[0].config, repeats=2) < 1
 
+    def test_plan_estimates_update_rounds_times_a_round_timed_in_a_loop(self, monkeypatch):
+        from moescale.study import runner
+
+        spec = parse_spec({"preset": "classic-dqn", "envs": ["CartPole-v1"], "layers": [{"moe": "dense"}],
+                           "seeds": 3, "steps": 20_000, "set": {"iteration_steps": 10_000}})
+        config = spec.groups[0].config
+        monkeypatch.setattr(runner, "update_round_seconds", lambda c: 0.25 * c.seeds)
+        # 2 iterations of 10,000 agent steps, an update every 10 (classic-dqn): 2,000 rounds of 3 seeds' updates
+        assert (config.iterations, config.agent.update_period) == (2, 10)
+        assert runner.plan(spec)[0]["estimate_s"] == 2_000 * 0.75
+
+    @pytest.mark.parametrize("layout", ["vmap", "unroll"])
+    def test_update_round_time_in_either_seed_layout(self, layout):
+        from moescale.study.runner import update_round_seconds
+
+        spec = parse_spec({"preset": "classic-dqn", "envs": ["CartPole-v1"], "layers": [{"moe": "dense"}],
+                           "seeds": 2, "set": {"seed_layout": layout}})
+        assert 0 < update_round_seconds(spec.groups[0].config, updates=4, repeats=2) < 1
+
 
 def tiny_spec(tmp_path, **changes):
     raw = {"name": "tiny", "preset": "classic-dqn", "envs": ["CartPole-v1"],

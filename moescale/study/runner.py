@@ -69,10 +69,9 @@ def prepare_study_dir(spec: StudySpec, out: Path) -> None:
                                       "groups": [g.name for g in spec.groups]}, indent=2))
 
 
-def update_seconds(config: TrainConfig, repeats: int = 5) -> float:
-    """Median time of one jitted update of the config's agent (its network and batch) on this machine. The state
-    is donated, so each call updates its buffers in place, as a training loop does."""
-    import jax
+def _agent_and_batches(config: TrainConfig, count: int) -> tuple[Any, Any]:
+    """The config's agent and `count` learning batches of zeros of its env's shapes, stacked (the update's cost
+    does not depend on the data)."""
     import jax.numpy as jnp
 
     from moescale.agents.dqn import make_dqn
@@ -80,14 +79,23 @@ def update_seconds(config: TrainConfig, repeats: int = 5) -> float:
     from moescale.networks import build_network
     from moescale.replay.nstep import LearnBatch
 
-    # The update's cost does not depend on the data: it is timed on a batch of zeros of the env's shapes.
     obs_shape, num_actions, obs_dtype = env_spaces(config.env, config.sticky_prob, config.max_episode_steps)
     agent = make_dqn(build_network(config.network, obs_shape, num_actions, obs_dtype), config.agent)
+    lead = (count, config.agent.batch_size)
+    obs = jnp.zeros((*lead, *obs_shape), obs_dtype)
+    batches = LearnBatch(obs=obs, action=jnp.zeros(lead, jnp.int32), reward=jnp.zeros(lead),
+                         discount=jnp.ones(lead), next_obs=obs, weights=jnp.ones(lead))
+    return agent, batches
+
+
+def update_seconds(config: TrainConfig, repeats: int = 5) -> float:
+    """Median time of one jitted update of the config's agent (its network and batch) on this machine. The state
+    is donated, so each call updates its buffers in place, as a training loop does."""
+    import jax
+
+    agent, batches = _agent_and_batches(config, 1)
+    batch = jax.tree.map(lambda b: b[0], batches)
     state = agent.init(jax.random.key(0))
-    size = config.agent.batch_size
-    obs = jnp.zeros((size, *obs_shape), obs_dtype)
-    batch = LearnBatch(obs=obs, action=jnp.zeros(size, jnp.int32), reward=jnp.zeros(size), discount=jnp.ones(size),
-                       next_obs=obs, weights=jnp.ones(size))
     update = jax.jit(agent.update, donate_argnums=0)
     key = jax.random.key(1)
     state, _ = update(state, batch, key)
@@ -101,12 +109,52 @@ def update_seconds(config: TrainConfig, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def update_round_seconds(config: TrainConfig, updates: int = 16, repeats: int = 3) -> float:
+    """Median time of one update of every seed of the config's run, timed inside a compiled loop of `updates`
+    updates in the run's seed layout: `vmap` (accelerators) batches all seeds' updates; `unroll` (CPU) times one
+    seed's loop and multiplies by the seeds, since one seed's program already keeps the cores busy (BENCHMARKS.md:
+    8 seeds run at about the one-seed rate). In a loop an update pays no dispatch (most of a standalone call on
+    a GPU) and XLA overlaps work across updates (on CPU the compiled dense loop ran 1.6-1.8x the standalone-update
+    rate). Each update reads the next batch of a pool passed in as an argument, so XLA cannot hoist the target
+    network's forward pass out of the loop as loop-invariant."""
+    import jax
+
+    from moescale.train.anakin import resolve_seed_layout
+
+    vmapped = resolve_seed_layout(config.seed_layout) == "vmap"
+    seeds = config.seeds if vmapped else 1
+    pool = 4
+    agent, batches = _agent_and_batches(config, pool)
+    update = jax.vmap(agent.update, in_axes=(0, None, 0))
+
+    def loop(states: Any, batches: Any, key: jax.Array) -> Any:
+        def body(i: jax.Array, states: Any) -> Any:
+            batch = jax.tree.map(lambda b: b[i % pool], batches)
+            return update(states, batch, jax.random.split(jax.random.fold_in(key, i), seeds))[0]
+
+        return jax.lax.fori_loop(0, updates, body, states)
+
+    run = jax.jit(loop, donate_argnums=0)
+    states = jax.vmap(agent.init)(jax.random.split(jax.random.key(0), seeds))
+    key = jax.random.key(1)
+    states = run(states, batches, key)
+    times = []
+    for _ in range(repeats):
+        jax.block_until_ready(states)
+        t0 = time.perf_counter()
+        states = run(states, batches, key)
+        jax.block_until_ready(states)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / updates * (1 if vmapped else config.seeds)
+
+
 def plan(spec: StudySpec, out: Path | None = None, measure: bool = True) -> list[dict[str, Any]]:
     """One row per run group: its grid point, seeds, parameters, agent steps, status and an estimated time.
 
-    The estimate is the group's gradient updates (seeds x steps / update_period) times one measured jitted
-    update on this machine: a floor on CPU, where the update dominates, leaving out acting, evaluation and
-    compilation (about 20 s per group).
+    The estimate is the group's update rounds (steps per seed / update_period) times one round of every seed's
+    update measured in a compiled loop on this machine (`update_round_seconds`), leaving out acting, evaluation
+    and compilation (about 5-20 s per group). The update dominates on CPU; on a GPU acting and stepping cost more
+    next to it, so there it is a rougher guide.
     """
     from moescale.envs.host import env_spaces
     from moescale.networks import build_network
@@ -116,11 +164,11 @@ def plan(spec: StudySpec, out: Path | None = None, measure: bool = True) -> list
         config = group.config
         info = build_network(config.network, *env_spaces(config.env, config.sticky_prob,
                                                           config.max_episode_steps)).info
-        updates = config.seeds * config.iterations * config.iteration_steps // config.agent.update_period
+        rounds = config.iterations * config.iteration_steps // config.agent.update_period
         row = {"group": group.name, **group.point, "seeds": config.seeds, "params": info.params["total"],
                "agent_steps": config.seeds * config.iterations * config.iteration_steps,
                "status": group_status(out / "runs" / group.name) if out is not None else "pending"}
-        row["estimate_s"] = updates * update_seconds(config) if measure else None
+        row["estimate_s"] = rounds * update_round_seconds(config) if measure else None
         rows.append(row)
     return rows
 
@@ -136,8 +184,8 @@ def format_plan(rows: list[dict[str, Any]]) -> str:
     todo = [r for r in rows if r["status"] != "done"]
     total = sum(r["estimate_s"] or 0 for r in todo)
     lines.append(f"{len(rows)} run groups ({len(todo)} to run), {sum(r['agent_steps'] for r in rows):,} agent steps; "
-                 f"estimated {total / 60:,.1f} min to run (updates x measured update time; acting, evaluation "
-                 "and compilation not included)")
+                 f"estimated {total / 60:,.1f} min to run (update rounds x their time measured in a compiled loop; "
+                 "acting, evaluation and compilation not included)")
     return "\n".join(lines)
 
 
