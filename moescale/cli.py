@@ -183,7 +183,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     if args.dry_run:
         if (args.out / "study.json").exists():
             prepare_study_dir(spec, args.out)  # only checks that the directory holds this spec
-        print(format_plan(plan(spec, args.out if (args.out / "study.json").exists() else None)))
+        print(format_plan(plan(spec, args.out if (args.out / "study.json").exists() else None,
+                               progress=not args.no_progress)))
         return 0
     statuses = run_study(spec, args.out, progress=not args.no_progress, retry_failed=args.retry_failed,
                          executor=args.executor, address=args.address, cpus_per_run=args.cpus_per_run,

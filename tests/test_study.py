@@ -208,6 +208,14 @@ class TestCommandLine:
         assert "classic-dqn__CartPole-v1__dense-1" in out and "2 run groups (2 to run), 8,000 agent steps" in out
         assert not (tmp_path / "s").exists()
 
+    def test_dry_run_of_a_finished_study_times_nothing(self, finished, monkeypatch, capsys):
+        from moescale.study import runner
+
+        _, path, out, _ = finished
+        monkeypatch.setattr(runner, "update_round_seconds", lambda c: pytest.fail("a finished group was timed"))
+        assert main(["study", str(path), "--out", str(out), "--dry-run"]) == 0
+        assert "2 run groups (0 to run)" in capsys.readouterr().out
+
     def test_a_study_of_another_spec_or_a_foreign_directory_is_refused(self, finished, tmp_path, capsys):
         _, _, out, _ = finished
         _, other = tiny_spec(tmp_path, seeds=3)

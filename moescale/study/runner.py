@@ -148,19 +148,21 @@ def update_round_seconds(config: TrainConfig, updates: int = 16, repeats: int = 
     return statistics.median(times) / updates * (1 if vmapped else config.seeds)
 
 
-def plan(spec: StudySpec, out: Path | None = None, measure: bool = True) -> list[dict[str, Any]]:
+def plan(spec: StudySpec, out: Path | None = None, measure: bool = True,
+         progress: bool = False) -> list[dict[str, Any]]:
     """One row per run group: its grid point, seeds, parameters, agent steps, status and an estimated time.
 
     The estimate is the group's update rounds (steps per seed / update_period) times one round of every seed's
     update measured in a compiled loop on this machine (`update_round_seconds`), leaving out acting, evaluation
     and compilation (about 5-20 s per group). The update dominates on CPU; on a GPU acting and stepping cost more
-    next to it, so there it is a rougher guide.
+    next to it, so there it is a rougher guide. Finished groups are not timed. Each timing compiles the group's
+    update loop (a few seconds), so `progress` shows a bar over the groups.
     """
     from moescale.envs.host import env_spaces
     from moescale.networks import build_network
 
     rows = []
-    for group in spec.groups:
+    for group in tqdm(spec.groups, desc="timing update rounds", unit="group", disable=not (progress and measure)):
         config = group.config
         info = build_network(config.network, *env_spaces(config.env, config.sticky_prob,
                                                           config.max_episode_steps)).info
@@ -168,7 +170,7 @@ def plan(spec: StudySpec, out: Path | None = None, measure: bool = True) -> list
         row = {"group": group.name, **group.point, "seeds": config.seeds, "params": info.params["total"],
                "agent_steps": config.seeds * config.iterations * config.iteration_steps,
                "status": group_status(out / "runs" / group.name) if out is not None else "pending"}
-        row["estimate_s"] = rounds * update_round_seconds(config) if measure else None
+        row["estimate_s"] = rounds * update_round_seconds(config) if measure and row["status"] != "done" else None
         rows.append(row)
     return rows
 
