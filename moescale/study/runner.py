@@ -98,13 +98,18 @@ def update_seconds(config: TrainConfig, repeats: int = 5) -> float:
     state = agent.init(jax.random.key(0))
     update = jax.jit(agent.update, donate_argnums=0)
     key = jax.random.key(1)
-    state, _ = update(state, batch, key)
+    return _median_seconds(lambda state: update(state, batch, key)[0], state, repeats)
+
+
+def _median_seconds(step: Any, state: Any, repeats: int) -> float:
+    """Median wall time of `state = step(state)` over `repeats` calls, after one call that compiles it."""
+    import jax
+
+    state = jax.block_until_ready(step(state))
     times = []
     for _ in range(repeats):
-        jax.block_until_ready(state)
         t0 = time.perf_counter()
-        state, _ = update(state, batch, key)
-        jax.block_until_ready(state)
+        state = jax.block_until_ready(step(state))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -137,15 +142,8 @@ def update_round_seconds(config: TrainConfig, updates: int = 16, repeats: int = 
     run = jax.jit(loop, donate_argnums=0)
     states = jax.vmap(agent.init)(jax.random.split(jax.random.key(0), seeds))
     key = jax.random.key(1)
-    states = run(states, batches, key)
-    times = []
-    for _ in range(repeats):
-        jax.block_until_ready(states)
-        t0 = time.perf_counter()
-        states = run(states, batches, key)
-        jax.block_until_ready(states)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / updates * (1 if vmapped else config.seeds)
+    seconds = _median_seconds(lambda states: run(states, batches, key), states, repeats)
+    return seconds / updates * (1 if vmapped else config.seeds)
 
 
 def plan(spec: StudySpec, out: Path | None = None, measure: bool = True,

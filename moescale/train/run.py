@@ -146,8 +146,8 @@ def host_cpu(cpuinfo: str | None = None) -> str:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return platform.processor() or platform.machine()
-    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)  # the last CPU's; all match
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    pairs = (line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in pairs}  # the last CPU's fields: all CPUs' match
     model = fields.get("model name") or fields.get("CPU part") or platform.machine()
     flags = set(fields.get("flags", fields.get("Features", "")).split())
     for flag, unit in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sve", "SVE"), ("asimd", "NEON")):
