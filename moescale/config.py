@@ -13,7 +13,9 @@ from typing import Any
 
 from moescale import checks
 
-MOE_TYPES = ("dense", "softmoe", "topk", "expert_choice")
+# "none": no penultimate layer, the encoder's features flattened straight into the head (Dopamine's MinAtar
+# network, labs/environments/minatar/minatar_env.py).
+MOE_TYPES = ("dense", "softmoe", "topk", "expert_choice", "none")
 ENCODER_NAMES = ("nature", "impala", "minatar", "mlp")
 CONV_IMPLS = ("lax", "matmul")  # how the encoders compute convolutions (moescale.networks.encoders)
 HEAD_TYPES = ("q", "c51")
@@ -21,16 +23,28 @@ DTYPES = ("float32", "bfloat16")
 TOKENIZER_NAMES = ("per_conv", "per_feature", "per_sample", "per_patch")
 AGGREGATION_NAMES = ("flatten", "mean", "sum")
 AUX_LOSS_NAMES = (None, "load_balance", "z_loss", "both")
+PHI_INITS = ("lecun_ed", "lecun_d")  # moescale.layers.soft_moe.phi_initializer
+RANDOM_PHI_MODES = ("redraw", "frozen")
+ROUTER_INITS = ("lecun", "xavier")  # moescale.layers.sparse.router_initializer
+ROUTER_NOISE_SCALES = ("per_expert", "absolute")
+MOE_LAYERS = ("softmoe", "topk", "expert_choice")
+# What a config.yaml written before these fields existed meant: a stored run reads back with these values where
+# the field is missing, so it resumes and analyses as it trained (moescale.train.run.load_run_config).
+LEGACY_NETWORK_DEFAULTS = {"phi_init": "lecun_d", "random_phi_mode": "frozen", "router_init": "xavier",
+                           "router_noise_scale": "absolute", "capacity_times_k": True}
 
 
 @dataclasses.dataclass(frozen=True)
 class NetworkConfig:
     """Value network: encoder -> tokenizer -> penultimate layer (dense or MoE) -> aggregation -> head.
 
-    Defaults follow Obando-Ceron et al. 2024: Impala encoder, per_conv tokens, experts Dense(512) ->
-    ReLU -> Dense(token dim), capacity factor 1.0, Soft MoE without normalization, flattened output.
-    moe="dense" with the default tokenizer is the paper's baseline flatten -> Dense(512 * width_multiplier)
-    -> ReLU; with another tokenizer it is one MLP shared by all tokens (Sokar et al. 2025).
+    Defaults follow Obando-Ceron et al. 2024 and their code (Dopamine labs/moes): Impala encoder, per_conv
+    tokens, experts Dense(512) -> ReLU -> Dense(token dim), capacity factor 1.0, Soft MoE without normalization,
+    Phi LeCun-normal with fan-in E*D, a bias-free LeCun-initialised Top-k router whose noise std is
+    router_noise / E, Top-k capacity ceil(T * cf / E), flattened output, no residual path or normalization
+    around the layer. moe="dense" with the default tokenizer is the paper's baseline flatten -> Dense(512 *
+    width_multiplier) -> ReLU; with another tokenizer it is one MLP shared by all tokens (Sokar et al. 2025).
+    moe="none" has no penultimate layer (encoder -> flatten -> head).
     """
 
     encoder: str = "impala"
@@ -44,9 +58,25 @@ class NetworkConfig:
     slots_per_expert: int | None = None  # softmoe only; None: ceil(tokens * capacity_factor / experts)
     k: int = 1  # topk only
     normalize: bool = False  # softmoe only
-    random_phi: bool = False  # softmoe only
+    # softmoe only. Phi's LeCun-normal fan-in: "lecun_ed" E*D (flax's default axes on the (D, E, S) array, as
+    # Dopamine labs/moes and vmoe), "lecun_d" D (std sqrt(E) times larger; moescale before this field existed).
+    phi_init: str = "lecun_ed"
+    phi_scale: float = 1.0  # softmoe only: Phi's initial values times this (1: the initializer's own)
+    random_phi: bool = False  # softmoe only: the paper's random-routing ablation, Phi never learns
+    # softmoe with random_phi: "redraw" a fresh N(0, 1) Phi on every forward pass (Dopamine labs/moes), or keep
+    # the "frozen" initial Phi
+    random_phi_mode: str = "redraw"
     router_noise: float = 0.0  # topk only
+    # topk: noise std router_noise / E ("per_expert", Dopamine labs/moes after Riquelme et al. 2021) or
+    # router_noise ("absolute")
+    router_noise_scale: str = "per_expert"
+    router_init: str = "lecun"  # topk, expert_choice: the bias-free router's init, "lecun" (Dopamine) or "xavier"
+    capacity_times_k: bool = False  # topk: capacity ceil(T * k * cf / E) (GShard) instead of ceil(T * cf / E)
     aux_loss: str | None = None  # topk only
+    # Around any MoE layer (and the tokenized dense MLP): tokens + layer(tokens) ...
+    residual: bool = False
+    # ... and a LayerNorm over D of each token before the layer (vmoe's blocks: x + MoE(LayerNorm(x)))
+    pre_norm: bool = False
     tokenizer: str | None = None  # None: per_sample for dense, per_conv for MoE layers
     patch_size: int = 1  # per_patch only
     patch_dim: int | None = None  # per_patch only; None keeps the channel count
@@ -75,6 +105,15 @@ class NetworkConfig:
         checks.optional_positive_int("slots_per_expert", self.slots_per_expert)
         checks.positive_int("k", self.k)
         checks.non_negative_number("router_noise", self.router_noise)
+        checks.choice("phi_init", self.phi_init, PHI_INITS)
+        checks.positive_number("phi_scale", self.phi_scale)
+        checks.choice("random_phi_mode", self.random_phi_mode, RANDOM_PHI_MODES)
+        checks.choice("router_noise_scale", self.router_noise_scale, ROUTER_NOISE_SCALES)
+        checks.choice("router_init", self.router_init, ROUTER_INITS)
+        for name in ("normalize", "random_phi", "capacity_times_k", "residual", "pre_norm",
+                     "dueling", "noisy"):
+            if not isinstance(getattr(self, name), bool):
+                checks.fail(name, getattr(self, name), "must be true or false")
         checks.choice("aux_loss", self.aux_loss, AUX_LOSS_NAMES)
         checks.choice("tokenizer", self.tokenizer, (None, *TOKENIZER_NAMES))
         checks.positive_int("patch_size", self.patch_size)
@@ -91,12 +130,15 @@ class NetworkConfig:
             checks.fail("encoder_widths", self.encoder_widths, "the nature encoder has fixed widths: use None")
         if self.encoder_widths is not None and self.encoder == "minatar" and len(self.encoder_widths) != 1:
             checks.fail("encoder_widths", self.encoder_widths, "the minatar encoder takes one width, e.g. (16,)")
-        if self.moe == "dense" and self.num_experts != 1:
+        if self.moe in ("dense", "none") and self.num_experts != 1:
             checks.fail("num_experts", self.num_experts,
-                        "moe='dense' has no experts: leave num_experts=1 and scale width_multiplier")
+                        f"moe={self.moe!r} has no experts: leave num_experts=1"
+                        + (" and scale width_multiplier" if self.moe == "dense" else ""))
         if self.moe != "dense" and self.width_multiplier != 1:
             checks.fail("width_multiplier", self.width_multiplier,
-                        f"applies to moe='dense' only (moe={self.moe!r}): scale num_experts instead")
+                        f"applies to moe='dense' only (moe={self.moe!r})"
+                        + ("" if self.moe == "none" else ": scale num_experts instead"))
+        self._check_around_layer()
         if self.moe == "topk" and self.k > self.num_experts:
             checks.fail("k", self.k, f"must be <= num_experts={self.num_experts}")
         if self.head == "c51" and (self.num_atoms is None or self.num_atoms < 2):
@@ -106,12 +148,27 @@ class NetworkConfig:
         if not self.v_min < self.v_max:
             checks.fail("v_min", self.v_min, f"must be < v_max={self.v_max}")
 
+    def _check_around_layer(self) -> None:
+        wraps = [name for name in ("residual", "pre_norm") if getattr(self, name)]
+        if wraps and self.moe == "none":
+            checks.fail(wraps[0], True, "moe='none' has no penultimate layer to put it around")
+        if self.moe == "none" and self.tokenizer is not None:
+            checks.fail("tokenizer", self.tokenizer, "moe='none' flattens the feature map into the head: leave "
+                        "tokenizer unset")
+        if self.moe == "none" and self.aggregation != "flatten":
+            checks.fail("aggregation", self.aggregation, "moe='none' flattens the feature map into the head: "
+                        "leave aggregation 'flatten'")
+        if self.residual and self.moe == "dense" and self.token_kind == "per_sample":
+            checks.fail("residual", True, "the dense layer on one flattened token maps it to width "
+                        f"{self.hidden * self.width_multiplier}, not its own dim: a residual needs equal dims "
+                        "(give network.tokenizer, e.g. per_conv, for the token-wise dense MLP)")
+
     @property
     def token_kind(self) -> str:
         """Tokenizer actually used (resolves the None default)."""
         if self.tokenizer is not None:
             return self.tokenizer
-        return "per_sample" if self.moe == "dense" else "per_conv"
+        return "per_sample" if self.moe in ("dense", "none") else "per_conv"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (tuples become lists) for YAML/JSON."""

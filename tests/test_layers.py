@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,11 +65,12 @@ _INIT_CACHE: dict[tuple, dict] = {}
 
 
 def init_params(module, x: np.ndarray) -> dict:
-    """module.init(KEY, x)["params"], cached per (layer class, parameter shapes): the initial values depend
-    only on those (and KEY), and on CPU compiling the random initializers would dominate this file's run
-    time."""
+    """module.init(KEY, x)["params"], cached per (layer class, initializers, parameter shapes): the initial
+    values depend only on those (and KEY), and on CPU compiling the random initializers would dominate this
+    file's run time."""
     shapes = jax.eval_shape(module.init, KEY, jnp.asarray(x))["params"]  # traces, compiles nothing
-    key = (type(module).__name__, str(jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)), shapes)))
+    inits = tuple(getattr(module, name, None) for name in ("phi_init", "phi_scale", "router_init"))
+    key = (type(module).__name__, inits, str(jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)), shapes)))
     if key not in _INIT_CACHE:
         # init also returns the sown "aux_loss" / "routing" collections; apply must get params only.
         variables = jax.jit(module.init)(KEY, jnp.asarray(x))  # one compile, not one per eager op
@@ -187,6 +189,16 @@ def check_router_is_xavier(module) -> None:
     assert router.shape == (8, 4)
     assert np.abs(router).max() <= math.sqrt(6 / 12) + 1e-6
     np.testing.assert_allclose(router.std(), math.sqrt(6 / 12) / math.sqrt(3), rtol=0.3)
+
+
+def check_router_is_lecun(module) -> None:
+    # LeCun normal on a (D, E) kernel: a normal truncated at 2 std, rescaled to std 1 / sqrt(D) = 1 / sqrt(8) = 0.354;
+    # flax draws it from the module's param key, so the kernel equals lecun_normal() on that key.
+    params = init_params(module, np.zeros((12, 8), np.float32))
+    router = np.asarray(params["router"])
+    assert router.shape == (8, 4)
+    assert np.abs(router).max() <= 2 * 1.1368 / math.sqrt(8) + 1e-6  # truncation at 2 x the pre-rescale std
+    np.testing.assert_allclose(router.std(), 1 / math.sqrt(8), rtol=0.35)
 
 
 # ------------------------------------------------------------------------------ capacity helpers
@@ -398,7 +410,7 @@ class TestSoftMoE:
         np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
 
     @pytest.mark.parametrize("normalize", [False, True])
-    def test_random_phi_gets_no_gradient(self, normalize):
+    def test_frozen_random_phi_gets_no_gradient(self, normalize):
         x = normal((6, 8), seed=7)
         r = normal((6, 8), seed=8)
 
@@ -406,7 +418,8 @@ class TestSoftMoE:
             params = init_params(module, x)
             return jax.jit(jax.grad(lambda p: jnp.sum(apply(module, p, x, jit=False) * r)))(params)
 
-        g = grads(SoftMoE(num_experts=3, expert_hidden=H, normalize=normalize, random_phi=True))
+        g = grads(SoftMoE(num_experts=3, expert_hidden=H, normalize=normalize, random_phi=True,
+                          random_phi_mode="frozen"))
         assert np.all(np.asarray(g["phi"]) == 0.0)
         assert np.all(np.abs(np.asarray(g["experts"]["w1"])).sum(axis=(1, 2)) > 0)  # every expert learns
         if normalize:
@@ -414,6 +427,52 @@ class TestSoftMoE:
         # without random_phi, Phi does learn
         g = grads(SoftMoE(num_experts=3, expert_hidden=H, normalize=normalize))
         assert np.abs(np.asarray(g["phi"])).sum() > 0
+
+
+    def test_redrawn_random_phi_is_a_fresh_standard_normal_each_call(self):
+        # Dopamine labs/moes draws Phi ~ N(0, 1) of shape (D, E, S) on every call and keeps no Phi parameter.
+        x = normal((6, 8), seed=9)
+        module = SoftMoE(num_experts=3, expert_hidden=H, random_phi=True)  # "redraw" is the default mode
+        params = init_params(module, x)
+        assert "phi" not in params
+        k1, k2 = jax.random.key(1), jax.random.key(2)
+        y1 = apply(module, params, x, rngs={"phi": k1})
+        np.testing.assert_array_equal(y1, apply(module, params, x, rngs={"phi": k1}))
+        assert rel_err(apply(module, params, x, rngs={"phi": k2}), y1) > 1e-3
+        # the same output as a learned-Phi layer whose Phi is that very draw, (D, E, S) = (8, 3, ceil(6 / 3) = 2)
+        drawn = []
+
+        def keep_phi(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if context.method_name == "_phi":
+                drawn.append(out)
+            return out
+
+        with nn.intercept_methods(keep_phi):
+            module.apply({"params": params}, jnp.asarray(x), rngs={"phi": k1})
+        (phi,) = drawn
+        assert phi.shape == (8, 3, 2)
+        np.testing.assert_allclose(np.std(np.asarray(phi)), 1.0, rtol=0.35)  # 48 draws of N(0, 1)
+        learned = SoftMoE(num_experts=3, expert_hidden=H)
+        np.testing.assert_allclose(apply(learned, {**params, "phi": phi}, x), y1, rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="rngs=.*phi"):
+            apply(module, params, x)
+
+    def test_phi_init_fan_in(self):
+        # (D, E, S) = (16, 4, 8). "lecun_ed": flax's lecun_normal() with default axes, fan-in E * D = 64, std 1/8
+        # (Dopamine, vmoe); "lecun_d": fan-in D = 16, std 1/4. Both truncated normals drawn from the same key.
+        from moescale.layers.soft_moe import phi_initializer
+
+        key, shape = jax.random.key(3), (16, 4, 8)
+        ed, d = phi_initializer("lecun_ed")(key, shape), phi_initializer("lecun_d")(key, shape)
+        np.testing.assert_array_equal(ed, jax.nn.initializers.lecun_normal()(key, shape))
+        np.testing.assert_allclose(d, 2.0 * ed, rtol=1e-6)  # the same draw, std sqrt(E) = 2 times larger
+        np.testing.assert_allclose(np.std(np.asarray(ed)), 1 / 8, rtol=0.1)
+        np.testing.assert_allclose(phi_initializer("lecun_ed", 10.0)(key, shape), 10.0 * ed, rtol=1e-6)
+        module = SoftMoE(num_experts=4, expert_hidden=H, phi_init="lecun_d", phi_scale=3.0)
+        params = init_params(module, normal((32, 16), seed=4))  # T = 32 tokens, S = ceil(32 / 4) = 8
+        assert params["phi"].shape == shape
+        np.testing.assert_allclose(np.std(np.asarray(params["phi"])), 3.0 / 4, rtol=0.15)  # 3 x 1/sqrt(16)
 
 
 # ------------------------------------------------------------------------------------ token choice
@@ -465,10 +524,10 @@ class TestTopkAssign:
 class TestTopKMoE:
     @pytest.mark.parametrize("k", [1, 2])
     def test_matches_reference_with_drops(self, k):
-        # T = 12, E = 4, cf = 0.5: capacity ceil(12 * k * 0.5 / 4) = 2 (k = 1) or 3 (k = 2), so the 12 * k
+        # T = 12, E = 4, cf = 0.5: GShard's capacity ceil(12 * k * 0.5 / 4) = 2 (k = 1) or 3 (k = 2), so the 12 * k
         # assignments cannot all fit in 4 * capacity = 8 or 12 slots unless routing were perfectly even.
         t, d, e = 12, 8, 4
-        module = TopKMoE(num_experts=e, k=k, capacity_factor=0.5, expert_hidden=H)
+        module = TopKMoE(num_experts=e, k=k, capacity_factor=0.5, expert_hidden=H, capacity_times_k=True)
         assert module.capacity(t) == {1: 2, 2: 3}[k]
         x = normal((2, t, d), seed=10 + k)
         params = random_biases(init_params(module, x))
@@ -551,8 +610,28 @@ class TestTopKMoE:
         noisy = apply(module, params, x, deterministic=False, rngs={"router": jax.random.key(1)})
         assert np.all(np.isfinite(noisy)) and rel_err(noisy, clean) > 1e-3
 
-    def test_router_init_is_xavier(self):
-        check_router_is_xavier(TopKMoE(num_experts=4, expert_hidden=H))
+    def test_router_init(self):
+        check_router_is_xavier(TopKMoE(num_experts=4, expert_hidden=H, router_init="xavier"))
+        check_router_is_lecun(TopKMoE(num_experts=4, expert_hidden=H))  # the default, as Dopamine's router
+
+    def test_router_noise_std_is_per_expert_by_default(self):
+        # Dopamine's TopKRouter: noise std = noise_std / E. With E = 4, router_noise 2.0 per expert draws the same
+        # noise as 0.5 absolute from the same key.
+        x = normal((8, 8), seed=32)
+        per_expert = TopKMoE(num_experts=4, expert_hidden=H, router_noise=2.0)
+        params = init_params(per_expert, x)
+        rngs = {"router": jax.random.key(5)}
+        absolute = TopKMoE(num_experts=4, expert_hidden=H, router_noise=0.5, router_noise_scale="absolute")
+        np.testing.assert_array_equal(apply(per_expert, params, x, deterministic=False, rngs=rngs),
+                                      apply(absolute, params, x, deterministic=False, rngs=rngs))
+
+    @pytest.mark.parametrize("t, e, k, times_k, want", [
+        (10, 4, 2, False, 3),  # ceil(10 * 1.0 / 4) = 3, k not counted (Dopamine labs/moes)
+        (10, 4, 2, True, 5),  # ceil(10 * 2 * 1.0 / 4) = 5 (GShard)
+        (10, 4, 1, True, 3),  # k = 1: the same either way
+    ])
+    def test_capacity_with_or_without_k(self, t, e, k, times_k, want):
+        assert TopKMoE(num_experts=e, k=k, expert_hidden=H, capacity_times_k=times_k).capacity(t) == want
 
 
 # ----------------------------------------------------------------------------------- expert choice
@@ -590,8 +669,9 @@ class TestExpertChoiceMoE:
         np.testing.assert_array_equal(y[:, e:], 0.0)
 
 
-    def test_router_init_is_xavier(self):
-        check_router_is_xavier(ExpertChoiceMoE(num_experts=4, expert_hidden=H))
+    def test_router_init(self):
+        check_router_is_xavier(ExpertChoiceMoE(num_experts=4, expert_hidden=H, router_init="xavier"))
+        check_router_is_lecun(ExpertChoiceMoE(num_experts=4, expert_hidden=H))
 
 
 # ------------------------------------------------------------------------------------------- dense

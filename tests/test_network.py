@@ -16,13 +16,14 @@ from moescale.networks import build_network
 
 MINATAR = (10, 10, 4)
 IMPALA = (84, 84, 4)
+LAYER_TYPES = tuple(m for m in MOE_TYPES if m != "none")  # the penultimate layers that take tokens
 
 
 def small(**kw) -> NetworkConfig:
     """A MinAtar network small enough to build eagerly in a test."""
     base = dict(encoder="minatar", hidden=16, num_experts=2)
     base.update(kw)
-    if base.get("moe") == "dense":
+    if base.get("moe") in ("dense", "none"):
         base["num_experts"] = 1
     return NetworkConfig(**base)
 
@@ -36,7 +37,7 @@ def shapes_of(net, obs_shape, **apply_kw):
 
 class TestShapes:
     @pytest.mark.parametrize("moe,tokenizer,aggregation",
-                             list(itertools.product(MOE_TYPES, TOKENIZER_NAMES, AGGREGATION_NAMES)))
+                             list(itertools.product(LAYER_TYPES, TOKENIZER_NAMES, AGGREGATION_NAMES)))
     def test_every_layer_tokenizer_aggregation(self, moe, tokenizer, aggregation):
         cfg = small(moe=moe, tokenizer=tokenizer, aggregation=aggregation, patch_size=2, patch_dim=8)
         net = build_network(cfg, MINATAR, 5)

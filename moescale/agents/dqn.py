@@ -34,6 +34,8 @@ from moescale.layers import total_aux_loss
 from moescale.networks import Network, support
 from moescale.replay.nstep import LearnBatch
 
+PHI_STREAM = 0x9F1  # folded into a forward pass's key for a redrawn Soft MoE Phi
+
 
 @flax.struct.dataclass
 class DQNState:
@@ -104,12 +106,17 @@ def make_dqn(network: Network, config: AgentConfig) -> Agent:
         checks.fail("augmentation", config.augmentation, f"needs image observations (H, W, C), got {network.obs_shape}")
     atoms = support(net_cfg.num_atoms, net_cfg.v_min, net_cfg.v_max) if c51 else None
 
-    def forward(params: Any, obs: jax.Array, key: jax.Array, **kwargs: Any) -> Any:
-        if not stochastic:
-            return network.apply(params, obs, **kwargs)
+    # A Soft MoE with random_phi in "redraw" mode draws its Phi on every forward pass, evaluation included
+    # (Dopamine labs/moes): from the "phi" stream, a key folded from the pass's own so other draws stay as they were.
+    redraw_phi = net_cfg.moe == "softmoe" and net_cfg.random_phi and net_cfg.random_phi_mode == "redraw"
+
+    def forward(params: Any, obs: jax.Array, key: jax.Array, noise: bool = True, **kwargs: Any) -> Any:
+        rngs = {"phi": jax.random.fold_in(key, PHI_STREAM)} if redraw_phi else {}
+        if not (stochastic and noise):
+            return network.apply(params, obs, rngs=rngs, **kwargs)
         key_noise, key_router = jax.random.split(key)
-        return network.apply(params, obs, deterministic=False, rngs={"noise": key_noise, "router": key_router},
-                             **kwargs)
+        return network.apply(params, obs, deterministic=False,
+                             rngs={"noise": key_noise, "router": key_router, **rngs}, **kwargs)
 
     def init(key: jax.Array) -> DQNState:
         params = network.init(key)
@@ -124,7 +131,7 @@ def make_dqn(network: Network, config: AgentConfig) -> Agent:
         acts on the mean weights.
         """
         key_explore, key_random, key_net = jax.random.split(key, 3)
-        q = (forward(params, obs, key_net) if noise else network.apply(params, obs)).q_values  # (B, A)
+        q = forward(params, obs, key_net, noise).q_values  # (B, A)
         greedy = jnp.argmax(q, axis=-1).astype(jnp.int32)
         random = jax.random.randint(key_random, greedy.shape, 0, q.shape[-1], jnp.int32)
         explore = jax.random.uniform(key_explore, greedy.shape) < epsilon

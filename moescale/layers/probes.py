@@ -7,6 +7,9 @@ Two flax collections, each filled only when the caller makes it mutable:
                  neurons (conv channels, hidden units; for experts, expert x hidden unit). Dormant-neuron
                  fractions are computed from these.
   "features"     the penultimate features the head reads, (B..., F), for srank and feature norms.
+  "tokens"       the tokens going into the penultimate layer ("layer_input", the tokenizer's output) and those
+                 the head aggregates ("layer_output", after any residual), (B..., T, D), for the collapse
+                 diagnostics (moescale.analysis.diagnose).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import jax
 
 ACTIVATIONS = "activations"
 FEATURES = "features"
+TOKENS = "tokens"
 RELU_SUFFIX = "_relu"
 
 
@@ -36,3 +40,9 @@ def sow_features(module: nn.Module, x: jax.Array) -> None:
     """Record the penultimate features (B..., F)."""
     if _asked(module, FEATURES):
         module.sow(FEATURES, "penultimate_features", x)
+
+
+def sow_tokens(module: nn.Module, name: str, x: jax.Array) -> None:
+    """Record tokens (B..., T, D) at the penultimate layer under `name` ("layer_input" or "layer_output")."""
+    if _asked(module, TOKENS):
+        module.sow(TOKENS, name, x)

@@ -26,8 +26,15 @@ from moescale.layers.routing import (
 )
 
 AUX_LOSSES = (None, "load_balance", "z_loss", "both")
-# A plain (D, E) matrix: Xavier-uniform with fans D and E.
-ROUTER_INIT = nn.initializers.xavier_uniform()
+ROUTER_INITS = ("lecun", "xavier")
+ROUTER_NOISE_SCALES = ("per_expert", "absolute")
+
+
+def router_initializer(kind: str = "lecun") -> nn.initializers.Initializer:
+    """Initializer of the bias-free router (D, E): LeCun normal, fan-in D, as the nn.Dense(E, use_bias=False) of
+    Dopamine labs/moes/architectures/routers.py ("lecun"), or Xavier uniform with fans D and E ("xavier")."""
+    checks.choice("router_init", kind, ROUTER_INITS)
+    return nn.initializers.lecun_normal() if kind == "lecun" else nn.initializers.xavier_uniform()
 
 
 def topk_assign(probs: jax.Array, k: int, capacity: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -60,12 +67,15 @@ def _gather_slots(x: jax.Array, experts: jax.Array, position: jax.Array, keep: j
 class TopKMoE(nn.Module):
     """Token-choice top-k MoE: tokens (..., T, D) -> (..., T, D).
 
-    Bias-free router, softmax over experts, each token goes to its top-k experts, each expert accepts
-    ceil(T * k * capacity_factor / E) tokens; overflow is dropped (zero contribution). Output is the sum
-    of gate x expert output. aux_loss adds the Switch load-balance loss (Fedus et al. 2021,
+    Bias-free router (router_init), softmax over experts, each token goes to its top-k experts, each expert
+    accepts ceil(T * capacity_factor / E) tokens (Dopamine labs/moes/architectures/moe.py), or ceil(T * k *
+    capacity_factor / E) with capacity_times_k (GShard); overflow is dropped (zero contribution). Output is the
+    sum of gate x expert output. aux_loss adds the Switch load-balance loss (Fedus et al. 2021,
     load_balance_coef * E * sum_i f_i P_i) and/or the router z-loss (Zoph et al. 2022,
     z_loss_coef * mean(logsumexp(logits)^2)); the total is sown into the "aux_loss" collection.
-    router_noise adds N(0, router_noise^2) to the logits when deterministic=False (rng stream "router").
+    router_noise adds Gaussian noise to the logits when deterministic=False (rng stream "router"), of std
+    router_noise / E ("per_expert", Dopamine's TopKRouter after Riquelme et al. 2021) or router_noise
+    ("absolute").
     """
 
     num_experts: int
@@ -78,10 +88,15 @@ class TopKMoE(nn.Module):
     z_loss_coef: float = 1e-3  # Zoph et al. 2022
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    router_init: str = "lecun"
+    router_noise_scale: str = "per_expert"
+    capacity_times_k: bool = False
 
     def __post_init__(self) -> None:
         checks.positive_int("num_experts", self.num_experts)
         checks.positive_int("k", self.k)
+        checks.choice("router_init", self.router_init, ROUTER_INITS)
+        checks.choice("router_noise_scale", self.router_noise_scale, ROUTER_NOISE_SCALES)
         if self.k > self.num_experts:
             checks.fail("k", self.k, f"must be <= num_experts={self.num_experts}")
         checks.positive_number("capacity_factor", self.capacity_factor)
@@ -94,17 +109,19 @@ class TopKMoE(nn.Module):
 
     def capacity(self, num_tokens: int) -> int:
         """Tokens each expert accepts for inputs with num_tokens tokens."""
-        return topk_capacity(num_tokens, self.num_experts, self.k, self.capacity_factor)
+        return topk_capacity(num_tokens, self.num_experts, self.k if self.capacity_times_k else 1,
+                             self.capacity_factor)
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         lead, (t, d) = x.shape[:-2], x.shape[-2:]
         e, cap = self.num_experts, self.capacity(t)
         xb = x.reshape(-1, t, d)  # (B, T, D)
-        router = self.param("router", ROUTER_INIT, (d, e), self.param_dtype)
+        router = self.param("router", router_initializer(self.router_init), (d, e), self.param_dtype)
         logits = jnp.einsum("btd,de->bte", xb.astype(jnp.float32), router.astype(jnp.float32))
         if self.router_noise > 0 and not deterministic:
-            logits = logits + self.router_noise * jax.random.normal(self.make_rng("router"), logits.shape)
+            std = self.router_noise / e if self.router_noise_scale == "per_expert" else self.router_noise
+            logits = logits + std * jax.random.normal(self.make_rng("router"), logits.shape)
         probs = jax.nn.softmax(logits, axis=-1)  # (B, T, E)
         gates, experts, position, keep = jax.vmap(topk_assign, (0, None, None))(probs, self.k, cap)
 
@@ -157,11 +174,13 @@ class ExpertChoiceMoE(nn.Module):
     expert_hidden: int = 512
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    router_init: str = "lecun"
 
     def __post_init__(self) -> None:
         checks.positive_int("num_experts", self.num_experts)
         checks.positive_number("capacity_factor", self.capacity_factor)
         checks.positive_int("expert_hidden", self.expert_hidden)
+        checks.choice("router_init", self.router_init, ROUTER_INITS)
         super().__post_init__()
 
     def capacity(self, num_tokens: int) -> int:
@@ -173,7 +192,7 @@ class ExpertChoiceMoE(nn.Module):
         lead, (t, d) = x.shape[:-2], x.shape[-2:]
         e, cap = self.num_experts, self.capacity(t)
         xb = x.reshape(-1, t, d)  # (B, T, D)
-        router = self.param("router", ROUTER_INIT, (d, e), self.param_dtype)
+        router = self.param("router", router_initializer(self.router_init), (d, e), self.param_dtype)
         logits = jnp.einsum("btd,de->bte", xb.astype(jnp.float32), router.astype(jnp.float32))
         probs = jax.nn.softmax(logits, axis=-1)  # (B, T, E)
         gates, token = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), cap)  # (B, E, C)

@@ -28,11 +28,13 @@ from moescale.layers import (
     token_shape,
     topk_capacity,
 )
-from moescale.layers.probes import sow_features
+from moescale.layers.probes import sow_features, sow_tokens
 from moescale.networks.encoders import make_encoder
 from moescale.networks.heads import HeadOutput, QHead
 
 PARTS = ("encoder", "tokenizer", "penultimate", "head")
+# Parameters around the penultimate layer (penultimate_tokens), counted as part of it.
+AROUND_PENULTIMATE = ("pre_norm",)
 
 
 def _dtype(config: NetworkConfig) -> Any:
@@ -52,26 +54,46 @@ def encoder_kwargs(config: NetworkConfig) -> dict[str, Any]:
 
 
 def make_penultimate(config: NetworkConfig) -> nn.Module:
-    """The configured dense or MoE layer, named "penultimate"."""
+    """The configured dense or MoE layer, named "penultimate" (moe="none" has none: ValueError)."""
     common = {"dtype": _dtype(config), "name": "penultimate"}
     if config.moe == "dense":
         return DenseMLP(config.hidden, config.width_multiplier, project=config.token_kind != "per_sample",
                         **common)
     if config.moe == "softmoe":
         return SoftMoE(config.num_experts, config.slots_per_expert, config.capacity_factor, config.hidden,
-                       config.normalize, config.random_phi, **common)
+                       config.normalize, config.random_phi, phi_init=config.phi_init, phi_scale=config.phi_scale,
+                       random_phi_mode=config.random_phi_mode, **common)
     if config.moe == "topk":
         return TopKMoE(config.num_experts, config.k, config.capacity_factor, config.hidden,
-                       config.router_noise, config.aux_loss, **common)
-    return ExpertChoiceMoE(config.num_experts, config.capacity_factor, config.hidden, **common)
+                       config.router_noise, config.aux_loss, router_init=config.router_init,
+                       router_noise_scale=config.router_noise_scale, capacity_times_k=config.capacity_times_k,
+                       **common)
+    if config.moe == "expert_choice":
+        return ExpertChoiceMoE(config.num_experts, config.capacity_factor, config.hidden,
+                               router_init=config.router_init, **common)
+    raise ValueError(f"moe={config.moe!r}: has no penultimate layer")
+
+
+def penultimate_tokens(config: NetworkConfig, tokens: jax.Array, deterministic: bool) -> jax.Array:
+    """Tokens (B..., T, D) through the configured layer and what surrounds it; call inside a compact method.
+
+    With both options on, y = x + layer(LayerNorm(x)) as in vmoe's blocks: pre_norm normalizes each token over D
+    before the layer, residual adds the tokens back to the layer's output."""
+    h = (nn.LayerNorm(dtype=_dtype(config), param_dtype=jnp.float32, name="pre_norm")(tokens) if config.pre_norm
+         else tokens)
+    layer = make_penultimate(config)
+    y = layer(h, deterministic) if config.moe == "topk" else layer(h)
+    return tokens + y if config.residual else y
 
 
 class QNetwork(nn.Module):
     """Observations (B..., *obs) -> HeadOutput(q_values (B..., A), logits (B..., A, N) or None).
 
     Sows each MoE layer's auxiliary loss into "aux_loss" and, when "routing" is mutable, its routing
-    statistics; when "activations" / "features" are mutable, the ReLU layers' outputs and the penultimate features
-    (moescale.layers.probes). deterministic=False turns on noisy-net noise (rng "noise") and router noise ("router").
+    statistics; when "activations" / "features" / "tokens" are mutable, the ReLU layers' outputs, the penultimate
+    features and the tokens in and out of the penultimate layer (moescale.layers.probes). deterministic=False turns
+    on noisy-net noise (rng "noise") and router noise ("router"); a Soft MoE with random_phi in "redraw" mode needs
+    the rng "phi" in every call.
     """
 
     config: NetworkConfig
@@ -81,11 +103,15 @@ class QNetwork(nn.Module):
     def __call__(self, obs: jax.Array, deterministic: bool = True) -> HeadOutput:
         cfg = self.config
         fmap = make_encoder(cfg.encoder, name="encoder", **encoder_kwargs(cfg))(obs)  # (B..., h, w, c)
-        tokens = Tokenizer(cfg.token_kind, cfg.patch_size, cfg.patch_dim, dtype=_dtype(cfg),
-                           name="tokenizer")(fmap)  # (B..., T, D)
-        layer = make_penultimate(cfg)
-        tokens = layer(tokens, deterministic) if cfg.moe == "topk" else layer(tokens)
-        features = aggregate(tokens, cfg.aggregation)  # (B..., F)
+        if cfg.moe == "none":  # Dopamine's MinAtar network: the feature map flattened into the head
+            features = fmap.reshape(*fmap.shape[:-3], -1)  # (B..., h*w*c)
+        else:
+            tokens = Tokenizer(cfg.token_kind, cfg.patch_size, cfg.patch_dim, dtype=_dtype(cfg),
+                               name="tokenizer")(fmap)  # (B..., T, D)
+            sow_tokens(self, "layer_input", tokens)
+            tokens = penultimate_tokens(cfg, tokens, deterministic)
+            sow_tokens(self, "layer_output", tokens)
+            features = aggregate(tokens, cfg.aggregation)  # (B..., F)
         sow_features(self, features)
         head = QHead(self.num_actions, cfg.dueling, cfg.num_atoms if cfg.head == "c51" else None,
                      cfg.v_min, cfg.v_max, cfg.noisy, cfg.noisy_sigma0, dtype=_dtype(cfg), name="head")
@@ -150,16 +176,19 @@ def _count(tree: Any) -> int:
 def param_counts(config: NetworkConfig, params: dict, num_tokens: int, capacity: int | None) -> dict[str, int]:
     """Parameters per part, total, and those applied to one token's representation at the penultimate
     layer (active_per_token: all of it for dense and Soft MoE, whose slots mix every token; router + k
-    experts for top-k; router + the expected E*C/T experts for expert choice)."""
+    experts for top-k; router + the expected E*C/T experts for expert choice; plus the parameters around the
+    layer, which count as penultimate: the pre_norm LayerNorm)."""
     tree = params["params"]
     counts = {part: _count(tree.get(part, {})) for part in PARTS}
+    around = sum(_count(tree.get(part, {})) for part in AROUND_PENULTIMATE)
+    counts["penultimate"] += around
     counts["total"] = _count(tree)
     pen = tree.get("penultimate", {})
     if config.moe in ("topk", "expert_choice"):
         per_expert = _count(pen["experts"]) / config.num_experts
         experts_per_token = (config.k if config.moe == "topk"
                              else config.num_experts * capacity / num_tokens)
-        counts["active_per_token"] = round(_count(pen["router"]) + experts_per_token * per_expert)
+        counts["active_per_token"] = round(around + _count(pen["router"]) + experts_per_token * per_expert)
     else:
         counts["active_per_token"] = counts["penultimate"]
     return counts
@@ -199,5 +228,7 @@ def build_network(config: NetworkConfig, obs_shape: tuple[int, ...], num_actions
 
 def _forward_flops(module: QNetwork, params: Any, dummy: jax.ShapeDtypeStruct) -> float:
     """FLOPs of one deterministic forward pass on one example, as XLA counts them."""
-    cost = jax.jit(lambda p, x: module.apply(p, x)).lower(params, dummy).cost_analysis()
+    # The "phi" stream serves a Soft MoE that redraws Phi on every call (random_phi); other layers ignore it.
+    forward = jax.jit(lambda p, x: module.apply(p, x, rngs={"phi": jax.random.key(0)}))
+    cost = forward.lower(params, dummy).cost_analysis()
     return float(cost.get("flops", float("nan"))) if cost else float("nan")

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import yaml
 from tqdm import tqdm
 
-from moescale.config import TrainConfig
+from moescale.config import LEGACY_NETWORK_DEFAULTS, TrainConfig
 from moescale.data import DatasetWriter
 from moescale.replay import PrioritizedReplayState, Transition
 from moescale.train.anakin import load_offline, make_trainer, seed_keys
@@ -52,8 +52,16 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def load_run_config(out: Path) -> TrainConfig:
-    """The resolved config a run directory was started with."""
-    return TrainConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text()))
+    """The resolved config a run directory was started with; network fields it predates take the values the run
+    trained with (LEGACY_NETWORK_DEFAULTS), not today's defaults."""
+    return TrainConfig.from_dict(with_legacy_defaults(yaml.safe_load((out / "config.yaml").read_text())))
+
+
+def with_legacy_defaults(stored: Any) -> Any:
+    """A stored config mapping with each network field it lacks set to what it meant when it was written."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("network"), dict):
+        return stored
+    return {**stored, "network": {**LEGACY_NETWORK_DEFAULTS, **stored["network"]}}
 
 
 def raise_budget(out: Path, steps: int) -> TrainConfig:
