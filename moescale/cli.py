@@ -1,5 +1,5 @@
 """moescale command line: `moescale train ...`, `moescale presets`, `moescale study SPEC`, `moescale results DIR`,
-`moescale report DIR`, `moescale analyze RUN...`, `moescale bench implicit-bias`.
+`moescale report DIR`, `moescale analyze RUN...`, `moescale diagnose [RUN]`, `moescale bench implicit-bias`.
 
 Bad input exits with code 2 and a one-line message; nothing in an existing run directory is overwritten
 unless --resume or --force says so.
@@ -36,6 +36,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                         "may raise its budget)")
     p.add_argument("--force", action="store_true", help="replace whatever --out holds")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-collapse-check", action="store_true",
+                   help="skip the check at start that an MoE layer is not collapsed (moescale diagnose; seconds)")
     p.add_argument("--record-dataset", action="store_true",
                    help="also write every transition to RUN_DIR/dataset (offline-RL format, moescale.data)")
     p.add_argument("--dataset", type=Path, metavar="PATH",
@@ -68,6 +70,8 @@ def _build_config(args: argparse.Namespace):
     if args.moe:
         # Reset the other family's size first so every intermediate config is valid.
         sets.append("network.num_experts=1" if args.moe == "dense" else "network.width_multiplier=1")
+        if args.moe == "none":
+            sets.append("network.num_experts=1")
         sets.append(f"network.moe={args.moe}")
     if args.experts is not None:
         moe = args.moe or config.network.moe
@@ -117,8 +121,6 @@ def _resume(args: argparse.Namespace) -> dict:
 
 def _new_run(args: argparse.Namespace) -> dict:
     """`moescale train --out RUN_DIR ...`: a new run of the config the flags give. Returns its summary."""
-    from moescale.envs import ENV_NAMES, make_env
-    from moescale.envs.host import check_host_env_name, check_host_network
     from moescale.presets import OFFLINE_PRESETS
     from moescale.train.run import train
 
@@ -128,15 +130,28 @@ def _new_run(args: argparse.Namespace) -> dict:
     if config.preset in OFFLINE_PRESETS and config.dataset is None:
         raise ValueError(f"--dataset: preset {config.preset} trains offline; give --dataset PATH (a recorded "
                          "dataset, e.g. RUN_DIR/dataset from --record-dataset)")
-    # An unknown environment fails before any work.
+    _check_env(config)
+    _say_whole_iterations(config)
+    if not args.no_collapse_check:
+        from moescale.analysis.diagnose import collapse_warning
+
+        warning = collapse_warning(config)
+        if warning:
+            print(f"moescale train: {warning}", file=sys.stderr)
+    return train(config, args.out, force=args.force, progress=not args.no_progress,
+                 record_dataset=args.record_dataset)
+
+
+def _check_env(config) -> None:
+    """An unknown environment, or a network it cannot take, fails before any work."""
+    from moescale.envs import ENV_NAMES, make_env
+    from moescale.envs.host import check_host_env_name, check_host_network
+
     if config.env in ENV_NAMES:
         make_env(config.env, config.sticky_prob, config.max_episode_steps)
     else:
         check_host_env_name(config.env)
         check_host_network(config.env, config.network, config.sticky_prob)
-    _say_whole_iterations(config)
-    return train(config, args.out, force=args.force, progress=not args.no_progress,
-                 record_dataset=args.record_dataset)
 
 
 def _say_whole_iterations(config) -> None:
@@ -182,7 +197,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if args.dry_run:
         if (args.out / "study.json").exists():
-            prepare_study_dir(spec, args.out)  # only checks that the directory holds this spec
+            prepare_study_dir(spec, args.out, write=False)  # only checks that the directory holds this spec
         print(format_plan(plan(spec, args.out if (args.out / "study.json").exists() else None,
                                progress=not args.no_progress)))
         return 0
@@ -283,6 +298,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from moescale.analysis.analyze import AnalysisError
+    from moescale.analysis.diagnose import diagnose_config, diagnose_run, format_diagnosis, write_diagnosis
+
+    given = [f"--{name}" for name in ("preset", "env", "moe", "experts", "seeds", "set")
+             if getattr(args, name) not in (None, [])]
+    if args.states < 2:
+        raise ValueError(f"--states={args.states}: must be an int >= 2 (sensitivities are variances over states)")
+    if args.run is not None:
+        if given:
+            raise ValueError(f"RUN_DIR: the run's own config is diagnosed; {', '.join(given)} cannot change it")
+        try:
+            found = diagnose_run(args.run, args.states)
+        except AnalysisError as e:
+            raise ValueError(str(e)) from None
+    else:
+        config = _build_config(args)
+        _check_env(config)
+        found = diagnose_config(config, args.states)
+    out = args.out if args.out is not None else (args.run if args.run is not None else Path.cwd())
+    print(format_diagnosis(found))
+    print(f"\n-> {write_diagnosis(found, out)}")
+    return 0
+
+
+def _diagnose_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diagnose", help="is the penultimate layer collapsed? routing entropies, token spread, state "
+                       "sensitivity of features and Q-values, next to the dense layer on the same encoder")
+    p.add_argument("run", type=Path, nargs="?", metavar="RUN_DIR",
+                   help="a run directory: every seed's newest parameters on states of its own policy; without it, "
+                        "a new network (the train flags) at initialisation on states of the random policy")
+    p.add_argument("--preset", help=f"preset name (default {DEFAULT_PRESET})")
+    p.add_argument("--env", help="environment (default: the preset's)")
+    p.add_argument("--moe", choices=MOE_TYPES, help="penultimate layer")
+    p.add_argument("--experts", type=int, help="number of experts (MoE) or width multiplier (dense)")
+    p.add_argument("--seeds", type=int, help="seeds to initialise, as train would (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set network.residual=true")
+    p.add_argument("--states", type=int, default=64, help="states per seed (default 64)")
+    p.add_argument("--out", type=Path, help="where diagnose.json goes (default: RUN_DIR, or the current directory)")
+    p.set_defaults(steps=None, dataset=None, subset=None, subset_mode=None)
+
+
 def _analysis_parsers(sub: argparse._SubParsersAction) -> None:
     analyze = sub.add_parser("analyze", help="plasticity and routing metrics of runs over training; expert subsets")
     analyze.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories")
@@ -325,10 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("study", type=Path, help="study directory")
     report.add_argument("--reps", type=int, default=2000, help="bootstrap resamples for the confidence intervals")
     _analysis_parsers(sub)
+    _diagnose_parser(sub)
     args = parser.parse_args(argv)
     try:
         return {"train": cmd_train, "presets": cmd_presets, "study": cmd_study, "results": cmd_results,
-                "report": cmd_report, "analyze": cmd_analyze, "bench": cmd_bench}[args.command](args)
+                "report": cmd_report, "analyze": cmd_analyze, "bench": cmd_bench,
+                "diagnose": cmd_diagnose}[args.command](args)
     except ValueError as e:
         print(f"moescale {args.command}: {e}", file=sys.stderr)
         return 2

@@ -50,6 +50,8 @@ SUBSET_MODES = ("best", "random")
 PLOTTED = (("dormant0.1", "dormant fraction (tau 0.1)"), ("dormant0", "dead fraction (tau 0)"),
            ("srank", "srank of features"), ("feature_norm", "feature norm"), ("param_norm", "parameter norm"),
            ("grad_norm", "gradient norm"), ("ntk_rank", "empirical NTK rank"),
+           ("feature_state_sensitivity", "state sensitivity of features"),
+           ("q_state_sensitivity", "state sensitivity of Q-values"),
            ("dispatch_entropy", "dispatch entropy per slot, over tokens (nats)"),
            ("combine_entropy", "combine entropy per token, over slots (nats)"))
 ROUTED = ("dispatch_entropy", "combine_entropy")  # plotted for runs with experts only (a dense layer records 0)

@@ -7,6 +7,7 @@ Axes: B batch, N everything a neuron is averaged over, U neurons of a layer, F f
     dormant fraction  (Sokar et al. 2023) s_i = mean_N |a_i| / mean_U mean_N |a_u|; dormant if s_i <= tau
     srank             (Kumar et al. 2021) smallest k with sum_{i<=k} sigma_i >= (1 - delta) sum_i sigma_i
     NTK rank          numerical rank of the empirical NTK  K = J J^T,  J = d outputs / d params  (M x P)
+    state sensitivity sum_d Var_B(x_d) / sum_d E_B(x_d^2) of features or Q-values x (B, F) over the states
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ def srank(features: jax.Array, delta: float = SRANK_DELTA) -> jax.Array:
     # Count the k whose partial sum is still short of the threshold; the answer is one more.
     short = cumulative < (1.0 - delta) * cumulative[-1]
     return (jnp.sum(short) + 1).astype(jnp.int32)
+
+
+def state_sensitivity(x: jax.Array) -> jax.Array:
+    """sum_d Var_B(x_d) / sum_d E_B(x_d^2) of vectors x (B, ...), flattened per row: the share of their mean square
+    that varies across the B states. 0 when all rows are equal (or all zero), 1 when every dim has mean zero over
+    the rows."""
+    x = x.astype(jnp.float32).reshape(x.shape[0], -1)
+    var = jnp.sum(jnp.var(x, axis=0))
+    mean_square = jnp.sum(jnp.mean(jnp.square(x), axis=0))
+    return jnp.where(mean_square > 0, var / jnp.where(mean_square > 0, mean_square, 1.0), 0.0)
 
 
 def tree_norm(tree: Any) -> jax.Array:
@@ -158,11 +169,18 @@ def ntk_chunk() -> int:
 def network_metrics(network: Any, loss: Callable[..., tuple[jax.Array, dict]], params: Any, target_params: Any,
                     batch: Any, key: jax.Array, ntk_examples: int = NTK_EXAMPLES) -> dict[str, jax.Array]:
     """Every metric on one batch of transitions: dormant fractions, srank and norm of the penultimate features,
-    parameter and gradient norms per part (gradient of the agent's loss), routing statistics with per-expert
-    gradient norms, and the NTK rank over the Q-values of the first `ntk_examples` observations. jit-able."""
+    the state sensitivity of those features and of the Q-values (moescale.analysis.diagnose), parameter and gradient
+    norms per part (gradient of the agent's loss), routing statistics with per-expert gradient norms, and the NTK
+    rank over the Q-values of the first `ntk_examples` observations. jit-able."""
     checks.positive_int("ntk_examples", ntk_examples)
-    _, variables = network.apply(params, batch.obs, mutable=[ACTIVATIONS, FEATURES, "routing", "aux_loss"])
+    rngs = {"phi": jax.random.fold_in(key, 1)}  # for a Soft MoE that redraws Phi on every call
+    head, variables = network.apply(params, batch.obs, mutable=[ACTIVATIONS, FEATURES, "routing", "aux_loss"],
+                                    rngs=rngs)
     out = activation_metrics(variables)
+    out["q_state_sensitivity"] = state_sensitivity(head.q_values)
+    features = _sown(variables.get(FEATURES, {}))
+    if features:
+        out["feature_state_sensitivity"] = state_sensitivity(next(iter(features.values())))
     out.update(routing_metrics(variables.get("routing", {})))
     out.update(part_norms(params["params"], "param_norm"))
     grads = jax.grad(lambda p: loss(p, target_params, batch, key)[0])(params)["params"]
@@ -172,6 +190,6 @@ def network_metrics(network: Any, loss: Callable[..., tuple[jax.Array, dict]], p
         norms = expert_norms(experts)
         out.update({f"expert_grad_norm_{i}": norms[i] for i in range(norms.shape[0])})
     obs = batch.obs[:ntk_examples]
-    out["ntk_rank"] = numerical_rank(ntk_gram(lambda p, x: network.apply(p, x).q_values, params, obs,
+    out["ntk_rank"] = numerical_rank(ntk_gram(lambda p, x: network.apply(p, x, rngs=rngs).q_values, params, obs,
                                               chunk=ntk_chunk()))
     return out
