@@ -46,6 +46,26 @@ class TestSpec:
         assert last.point == {"preset": "minatar-rainbow", "env": "Asterix-MinAtar", "moe": "topk", "size": 2,
                               "tokenizer": "per_feature", "agent.learning_rate": 3e-4}
 
+    def test_labelled_variants_layer_envs_and_no_layer(self):
+        raw = {"preset": "minatar-dqn", "envs": ["Breakout-MinAtar", "Asterix-MinAtar"], "seeds": 1, "steps": 5000,
+               "layers": [{"moe": "none", "envs": ["Breakout-MinAtar"]},
+                          {"moe": "softmoe", "experts": [4]},
+                          {"moe": "softmoe", "experts": [4], "label": "residual", "envs": ["Asterix-MinAtar"],
+                           "set": {"network.residual": True}}]}
+        s = parse_spec(raw)
+        assert [g.name for g in s.groups] == [
+            "minatar-dqn__Breakout-MinAtar__none", "minatar-dqn__Breakout-MinAtar__softmoe-4",
+            "minatar-dqn__Asterix-MinAtar__softmoe-4", "minatar-dqn__Asterix-MinAtar__softmoe-4__residual"]
+        none, _, plain, residual = s.groups
+        assert (none.config.network.moe, none.config.network.num_experts) == ("none", 1)
+        assert residual.config.network.residual and not plain.config.network.residual
+        assert residual.point["variant"] == "residual" and "variant" not in plain.point
+        for changes, match in (({"moe": "none", "experts": [2]}, "layers\\[0\\].experts=.*no penultimate layer"),
+                               ({"moe": "dense", "envs": ["Seaquest-MinAtar"]}, "layers\\[0\\].envs='Seaquest"),
+                               ({"moe": "dense", "label": "a b"}, "layers\\[0\\].label='a b'")):
+            with pytest.raises(ValueError, match=match):
+                parse_spec({**raw, "layers": [changes]})
+
     def test_fingerprint_follows_the_content(self):
         assert spec().fingerprint() == parse_spec(dict(reversed(list(BASE.items())))).fingerprint()
         assert spec().fingerprint() != spec(seeds=2).fingerprint()
@@ -232,6 +252,35 @@ class TestCommandLine:
         assert "not a study directory" in capsys.readouterr().err
         assert (tmp_path / "foreign" / "notes.txt").read_text() == "keep me"
 
+    def test_a_spec_that_adds_run_groups_continues_the_study(self, finished, tmp_path, monkeypatch, capsys):
+        import shutil
+
+        from moescale.study import runner
+
+        _, _, done, _ = finished
+        out = tmp_path / "grown"
+        shutil.copytree(done, out)
+        raw = yaml.safe_load((out / "spec.yaml").read_text())
+        raw["layers"].append({"moe": "softmoe", "experts": [2], "tokenizers": ["per_sample"], "label": "res",
+                              "set": {"network.residual": True}})
+        bigger = tmp_path / "bigger.yaml"
+        bigger.write_text(yaml.safe_dump(raw))
+        trained = []
+        monkeypatch.setattr(runner, "run_group", lambda group, *a, **k: trained.append(group.name) or "done")
+        monkeypatch.setattr(runner, "update_round_seconds", lambda config: 0.01)
+        assert main(["study", str(bigger), "--out", str(out), "--dry-run", "--no-progress"]) == 0
+        assert "3 run groups (1 to run)" in capsys.readouterr().out
+        assert yaml.safe_load((out / "spec.yaml").read_text()) != raw  # a dry run writes nothing
+        assert main(["study", str(bigger), "--out", str(out), "--no-progress"]) == 0
+        assert trained == ["classic-dqn__CartPole-v1__softmoe-2__res__per_sample"]
+        assert yaml.safe_load((out / "spec.yaml").read_text()) == raw
+        assert json.loads((out / "study.json").read_text())["groups"][-1] == trained[0]
+        # dropping a run group is refused, and nothing changes
+        raw["layers"] = raw["layers"][1:]
+        bigger.write_text(yaml.safe_dump(raw))
+        assert main(["study", str(bigger), "--out", str(out)]) == 2
+        assert "drops its run group classic-dqn__CartPole-v1__dense-1" in capsys.readouterr().err
+
     def test_report_writes_markdown_html_and_figures(self, finished, capsys):
         _, _, out, _ = finished
         assert main(["report", str(out), "--reps", "100"]) == 0
@@ -280,7 +329,7 @@ class TestRayExecutor:
 
 
 @pytest.mark.parametrize("name, groups", [("demo", 5), ("paper-fig1-minatar", 120), ("tokenization", 10),
-                                          ("atari100k-pong", 2)])
+                                          ("atari100k-pong", 2), ("softmoe-minatar", 11)])
 def test_shipped_specs_parse(name, groups):
     from pathlib import Path
 

@@ -58,8 +58,9 @@ SCALING_BOOTSTRAP_MIN = 20
 CHINCHILLA_CUT = 0.25
 """The Chinchilla fit drops the learning-curve points taken before this fraction of the run group's budget."""
 
-POINT_KEYS = ("preset", "env", "moe", "size", "tokenizer")
-"""The grid coordinates every run group has; any other key of a point is a swept config value."""
+POINT_KEYS = ("preset", "env", "moe", "size", "tokenizer", "variant")
+"""The grid coordinates a run group has (variant: a labelled layer entry's label, where the spec gives one); any
+other key of a point is a swept config value."""
 
 
 # ----------------------------------------------------------------------------------------- the study's data
@@ -225,6 +226,8 @@ def _configs(groups: list[_Group]) -> list[_Config]:
             parts.append(str(rest.get("moe")))
             if len(tokenizers[rest.get("moe")]) > 1:  # the tokenizer names the architecture where it varies
                 parts.append(str(rest.get("tokenizer") or "default-tokenizer"))
+            if rest.get("variant"):
+                parts.append(str(rest["variant"]))
             parts += [f"{k.split('.')[-1]}={v}" for k, v in rest.items() if k not in POINT_KEYS]
             configs[key] = _Config(key, " ".join(parts), int(rest.get("size", 1)), rest)
         if g.scores is not None:
@@ -290,8 +293,10 @@ def _improvement_point(x: np.ndarray, y: np.ndarray) -> float:
 def _baseline(config: _Config, configs: list[_Config]) -> _Config | None:
     """The dense width-1 configuration with the same preset and swept values (the same tokenizer if there is)."""
     same = [c for c in configs if c.point.get("moe") == "dense" and c.size == 1 and c is not config
-            and all(c.point.get(k) == v for k, v in config.point.items() if k not in ("moe", "size", "tokenizer"))]
-    same.sort(key=lambda c: c.point.get("tokenizer") != config.point.get("tokenizer"))
+            and all(c.point.get(k) == v for k, v in config.point.items()
+                    if k not in ("moe", "size", "tokenizer", "variant"))]
+    same.sort(key=lambda c: (c.point.get("variant") is not None,
+                             c.point.get("tokenizer") != config.point.get("tokenizer")))
     return same[0] if same else None
 
 

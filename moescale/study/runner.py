@@ -52,21 +52,45 @@ def group_status(run_dir: Path) -> str:
     return "started" if run_dir.exists() else "pending"
 
 
-def prepare_study_dir(spec: StudySpec, out: Path) -> None:
-    """Create the study directory, or check that an existing one holds this very spec (nothing is touched if not)."""
+def prepare_study_dir(spec: StudySpec, out: Path, write: bool = True) -> None:
+    """Create the study directory, or check that an existing one holds this spec or one it extends: a spec may add
+    run groups to a study (a later stage), never drop one or change the config of one that has started. With
+    write=False (a dry run) nothing is written."""
     record = out / "study.json"
     if record.exists():
         old = json.loads(record.read_text())
         if old.get("fingerprint") != spec.fingerprint():
-            checks.fail("--out", str(out), f"holds study {old.get('name')!r} of a different spec; give another --out "
-                        "or the spec it was run with (spec.yaml there)")
+            _check_extends(spec, out, old)
+            if write:
+                _write_study_files(spec, out)
         return
     if out.exists() and any(out.iterdir()):
         checks.fail("--out", str(out), "holds other files, not a study; give an empty or new directory")
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    if write:
+        (out / "runs").mkdir(parents=True, exist_ok=True)
+        _write_study_files(spec, out)
+
+
+def _check_extends(spec: StudySpec, out: Path, old: dict[str, Any]) -> None:
+    """ValueError unless `spec` keeps every run group of the study recorded in `old`, each started one unchanged."""
+    from moescale.train.run import load_run_config
+
+    groups = {g.name: g for g in spec.groups}
+    for name in old.get("groups", []):
+        if name not in groups:
+            checks.fail("--out", str(out), f"holds study {old.get('name')!r} of a different spec, which drops its "
+                        f"run group {name}; a spec may only add run groups to a study (give another --out, or the "
+                        "spec.yaml there)")
+        run_dir = out / "runs" / name
+        if (run_dir / "config.yaml").exists() and load_run_config(run_dir) != groups[name].config:
+            checks.fail("--out", str(out), f"holds study {old.get('name')!r} of a different spec, which changes the "
+                        f"config of its run group {name}; a spec may only add run groups (give another --out)")
+
+
+def _write_study_files(spec: StudySpec, out: Path) -> None:
     _write_atomic(out / "spec.yaml", yaml.safe_dump(spec.raw, sort_keys=False))
-    _write_atomic(record, json.dumps({"name": spec.name, "fingerprint": spec.fingerprint(),
-                                      "groups": [g.name for g in spec.groups]}, indent=2))
+    _write_atomic(out / "study.json", json.dumps({"name": spec.name, "fingerprint": spec.fingerprint(),
+                                                  "groups": [g.name for g in spec.groups]}, indent=2))
 
 
 def _agent_and_batches(config: TrainConfig, count: int) -> tuple[Any, Any]:

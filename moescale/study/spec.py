@@ -5,14 +5,20 @@ expanded into run groups. A run group is one `moescale train` run: every seed of
     presets: [minatar-dqn]           # or `preset: minatar-dqn`
     envs: [Breakout-MinAtar]         # JAX envs, Atari games (a game list: its games) or gym:<id>
     layers:                          # each entry: a layer type and the sizes to try
+      - {moe: none}                            # no penultimate layer (Dopamine's MinAtar network)
       - {moe: dense, widths: [1, 2]}           # dense scales its width
       - {moe: softmoe, experts: [1, 2, 4]}     # MoE layers scale their number of experts
+      - {moe: softmoe, experts: [4], label: residual, set: {network.residual: true}}   # a labelled variant
     tokenizers: [per_conv]           # optional; a layer entry may give its own `tokenizers`
     seeds: 2                         # seeds per run group, trained in one program
     steps: 40000                     # agent steps per seed
     set: {iteration_steps: 10000}    # optional overrides (dotted keys) for every run
     sweep: {agent.learning_rate: [1e-4, 2.5e-4]}   # optional: the grid also crosses these values
 
+A layer entry's `set` applies to its runs only; its `label` names such a variant (in run group names, and as the
+`variant` coordinate that reports and results group by), so the same layer and size can appear once per label; its
+`envs` (some of the spec's) limits it to those environments. A study directory takes a spec that adds run groups
+to the one it was started with (a later stage of the same study), never one that drops or changes one.
 Every run group's config is built and validated while the spec is read, so a bad value or an impossible
 combination stops the study before anything runs, with a one-line ValueError naming the spec field.
 """
@@ -36,7 +42,7 @@ from moescale.layers.tokenize import TOKENIZERS
 from moescale.presets import apply_overrides, fit_iteration_to_steps, get_preset
 
 SPEC_KEYS = ("name", "preset", "presets", "envs", "layers", "tokenizers", "seeds", "steps", "set", "sweep")
-LAYER_KEYS = ("moe", "widths", "experts", "tokenizers", "set")
+LAYER_KEYS = ("moe", "widths", "experts", "tokenizers", "set", "label", "envs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +87,7 @@ def _slug(value: Any) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "-" for c in text)
 
 
-def _layer_points(index: int, layer: Any, default_tokenizers: list[Any]) -> list[dict[str, Any]]:
+def _layer_points(index: int, layer: Any, default_tokenizers: list[Any], envs: list[str]) -> list[dict[str, Any]]:
     field = f"layers[{index}]"
     if not isinstance(layer, dict):
         checks.fail(field, layer, "must be a mapping like {moe: softmoe, experts: [1, 2, 4]}")
@@ -90,12 +96,19 @@ def _layer_points(index: int, layer: Any, default_tokenizers: list[Any]) -> list
             _unknown(f"{field}.{key}", key, LAYER_KEYS)
     moe = layer.get("moe")
     checks.choice(f"{field}.moe", moe, MOE_TYPES)
+    if moe == "none":
+        for key in ("widths", "experts"):
+            if key in layer:
+                checks.fail(f"{field}.{key}", layer[key], "moe none has no penultimate layer to size")
     size_key, wrong_key = ("widths", "experts") if moe == "dense" else ("experts", "widths")
     if wrong_key in layer:
         what = "its width (widths)" if moe == "dense" else "its number of experts (experts)"
         checks.fail(f"{field}.{wrong_key}", layer[wrong_key], f"{moe} scales {what}, not {wrong_key}")
     sizes = _non_empty_list(f"{field}.{size_key}", layer.get(size_key, [1]))
     checks.positive_ints(f"{field}.{size_key}", sizes)
+    label = layer.get("label")
+    if label is not None and (not isinstance(label, str) or not label or _slug(label) != label):
+        checks.fail(f"{field}.label", label, "must be a short name of letters, digits, '.', '_' or '-'")
     tokenizers = _non_empty_list(f"{field}.tokenizers", layer.get("tokenizers", default_tokenizers))
     for t in tokenizers:
         if t is not None:
@@ -103,7 +116,13 @@ def _layer_points(index: int, layer: Any, default_tokenizers: list[Any]) -> list
     extra = layer.get("set", {})
     if not isinstance(extra, dict):
         checks.fail(f"{field}.set", extra, "must be a mapping of dotted config keys to values")
-    return [{"moe": moe, "size": size, "tokenizer": tok, "layer_set": extra}
+    only = layer.get("envs")
+    if only is not None:
+        only = _non_empty_list(f"{field}.envs", only)
+        unknown = [e for e in only if e not in envs]
+        if unknown:
+            checks.fail(f"{field}.envs", unknown[0], f"is not one of the spec's envs ({', '.join(envs)})")
+    return [{"moe": moe, "size": size, "tokenizer": tok, "layer_set": extra, "label": label, "envs": only}
             for size, tok in itertools.product(sizes, tokenizers)]
 
 
@@ -143,7 +162,7 @@ def parse_spec(raw: Any) -> StudySpec:
     envs = _study_envs(_non_empty_list("spec.envs", raw.get("envs")))
     tokenizers = _non_empty_list("spec.tokenizers", raw.get("tokenizers", [None]))
     layers = _non_empty_list("spec.layers", raw.get("layers"))
-    layer_points = [p for i, layer in enumerate(layers) for p in _layer_points(i, layer, tokenizers)]
+    layer_points = [p for i, layer in enumerate(layers) for p in _layer_points(i, layer, tokenizers, envs)]
     seeds, steps = raw.get("seeds", 1), raw.get("steps")
     checks.positive_int("spec.seeds", seeds)
     if steps is not None:
@@ -159,10 +178,14 @@ def parse_spec(raw: Any) -> StudySpec:
 
     groups, names = [], set()
     for preset, env, layer, swept in itertools.product(presets, envs, layer_points, sweep_points):
+        if layer["envs"] is not None and env not in layer["envs"]:
+            continue
         sets = [f"env={json.dumps(env)}", f"seeds={seeds}"] + ([f"steps={steps}"] if steps is not None else [])
         sets += _overrides(common) + _overrides(layer["layer_set"])
         if layer["moe"] == "dense":
             sets += ["network.moe=dense", "network.num_experts=1", f"network.width_multiplier={layer['size']}"]
+        elif layer["moe"] == "none":
+            sets += ["network.num_experts=1", "network.width_multiplier=1", "network.moe=none"]
         else:
             sets += [f"network.moe={layer['moe']}", "network.width_multiplier=1",
                      f"network.num_experts={layer['size']}"]
@@ -170,12 +193,13 @@ def parse_spec(raw: Any) -> StudySpec:
             sets.append(f"network.tokenizer={layer['tokenizer']}")
         sets += _overrides(swept)
         point = {"preset": preset, "env": env, "moe": layer["moe"], "size": layer["size"],
-                 "tokenizer": layer["tokenizer"], **swept}
+                 "tokenizer": layer["tokenizer"], **({"variant": layer["label"]} if layer["label"] else {}), **swept}
         try:
             config = fit_iteration_to_steps(apply_overrides(get_preset(preset), sets), sets)
         except ValueError as err:
             raise ValueError(f"spec: run {point} is impossible: {err}") from None
-        parts = [preset, env, f"{layer['moe']}-{layer['size']}"]
+        parts = [preset, env, "none" if layer["moe"] == "none" else f"{layer['moe']}-{layer['size']}"]
+        parts += [layer["label"]] if layer["label"] else []
         parts += [layer["tokenizer"]] if layer["tokenizer"] is not None else []
         parts += [f"{key.split('.')[-1]}-{_slug(value)}" for key, value in swept.items()]
         name = "__".join(_slug(p) for p in parts)
