@@ -182,11 +182,12 @@ def print_summary(summary: dict) -> None:
 
 
 def cmd_presets(_: argparse.Namespace) -> int:
+    from moescale.networks import describe_network
     from moescale.presets import PRESETS
 
     width = max(len(n) for n in PRESETS)
-    for name, (line, _) in PRESETS.items():
-        print(f"{name:<{width}}  {line}")
+    for name, (line, make) in PRESETS.items():
+        print(f"{name:<{width}}  {line}; network: {describe_network(make().network)}")
     return 0
 
 

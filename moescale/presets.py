@@ -20,10 +20,12 @@ MINATAR_CONV = "matmul"
 
 
 def _minatar_dqn() -> TrainConfig:
-    # Revisiting Rainbow (Obando-Ceron & Castro 2021) / Dopamine MinAtar DQN: Adam 2.5e-4, eps 3.125e-4,
-    # batch 32, replay 100k, update period 4, target 1000, min replay 1000, epsilon 1 -> 0.01 over 250k,
-    # eval epsilon 0.001, gamma 0.99, MSE TD loss, 10M agent steps. Penultimate width 512 as in
-    # Obando-Ceron et al. 2024.
+    # The agent of Revisiting Rainbow (Obando-Ceron & Castro 2021) / Dopamine's MinAtar DQN: Adam 2.5e-4, eps
+    # 3.125e-4, batch 32, replay 100k, update period 4, target 1000, min replay 1000, epsilon 1 -> 0.01 over 250k,
+    # eval epsilon 0.001, gamma 0.99, MSE TD loss, 10M agent steps. The network is not theirs: Dopamine's MinAtar
+    # network has no hidden layer (Conv16 -> flatten -> Q, labs/environments/minatar/minatar_env.py; moe="none"
+    # builds it); this preset puts the MoE paper's penultimate Dense(512) there (Obando-Ceron et al. 2024 use it
+    # on Atari), the layer that MoE layers replace.
     return TrainConfig(env="Breakout-MinAtar", preset="minatar-dqn",
                        network=NetworkConfig(encoder="minatar", moe="dense", conv=MINATAR_CONV), agent=AgentConfig(),
                        steps=10_000_000, iteration_steps=100_000)
@@ -116,23 +118,30 @@ def _atari100k(preset: str, augmentation: str, eps_decay_steps: int, rainbow_hea
     return _atari(preset, agent, network, 100_000, 10_000, atari100k=True)
 
 
+# Each description says what the preset takes from where; `moescale presets` adds the network it builds
+# (moescale.networks.describe_network).
 PRESETS: dict[str, tuple[str, Callable[[], TrainConfig]]] = {
-    "minatar-dqn": ("DQN on MinAtar (Revisiting Rainbow / Dopamine settings), 10M agent steps", _minatar_dqn),
-    "minatar-rainbow": ("Rainbow on MinAtar (Revisiting Rainbow settings: C51, n=3, prioritized, dueling, double, "
-                        "noisy), 10M agent steps", _minatar_rainbow),
-    "atari-dqn": ("DQN on Atari (Dopamine settings, Impala encoder), 50M agent steps; --env GAME or a game list",
-                  _atari_dqn),
-    "atari-rainbow": ("Rainbow on Atari (Dopamine settings, Impala encoder), 50M agent steps; --env GAME or a "
-                      "game list", _atari_rainbow),
-    "atari100k-der": ("Data-efficient Rainbow for Atari 100k (n=10, update every step, epsilon over 2000 steps)",
-                      lambda: _atari100k("atari100k-der", "none", 2000, True)),
+    "minatar-dqn": ("DQN on MinAtar, the agent settings of Revisiting Rainbow / Dopamine with the MoE paper's "
+                    "penultimate Dense(512) (Dopamine's MinAtar network has none: --moe none), 10M agent steps",
+                    _minatar_dqn),
+    "minatar-rainbow": ("Rainbow on MinAtar, Revisiting Rainbow's agent settings (C51, n=3, prioritized, dueling, "
+                        "double, noisy) with the MoE paper's penultimate Dense(512) (theirs has none: --moe none), "
+                        "10M agent steps", _minatar_rainbow),
+    "atari-dqn": ("DQN on Atari, Dopamine's settings with the MoE paper's Impala encoder and Dense(512), 50M agent "
+                  "steps; --env GAME or a game list", _atari_dqn),
+    "atari-rainbow": ("Rainbow on Atari, Dopamine's settings with the MoE paper's Impala encoder and Dense(512), 50M "
+                      "agent steps; --env GAME or a game list", _atari_rainbow),
+    "atari100k-der": ("Data-efficient Rainbow for Atari 100k (n=10, update every step, epsilon over 2000 steps), "
+                      "Nature CNN and Dense(512)", lambda: _atari100k("atari100k-der", "none", 2000, True)),
     "atari100k-drq-eps": ("DrQ(eps) for Atari 100k: DQN with random-shift augmentation (pad 4), epsilon over "
-                          "5000 steps", lambda: _atari100k("atari100k-drq-eps", "random_shift", 5000, False)),
-    "minatar-cql": ("Offline CQL on MinAtar from a recorded dataset (--dataset), 1M training steps",
-                    lambda: _minatar_cql(False)),
-    "minatar-cql-c51": ("Offline CQL+C51 on MinAtar from a recorded dataset (--dataset), n=3, 1M training steps",
-                        lambda: _minatar_cql(True)),
-    "classic-dqn": ("DQN for classic control (CleanRL CartPole numbers), 500k agent steps, 10 envs", _classic_dqn),
+                          "5000 steps, Nature CNN and Dense(512)",
+                          lambda: _atari100k("atari100k-drq-eps", "random_shift", 5000, False)),
+    "minatar-cql": ("Offline CQL on MinAtar from a recorded dataset (--dataset), 1M training steps, minatar-dqn's "
+                    "network", lambda: _minatar_cql(False)),
+    "minatar-cql-c51": ("Offline CQL+C51 on MinAtar from a recorded dataset (--dataset), n=3, 1M training steps, "
+                        "minatar-dqn's network with a C51 head", lambda: _minatar_cql(True)),
+    "classic-dqn": ("DQN for classic control (CleanRL CartPole numbers: MLP 120 then Dense(84)), 500k agent steps, "
+                    "10 envs", _classic_dqn),
 }
 
 

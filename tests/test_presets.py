@@ -32,6 +32,27 @@ class TestPresets:
         del stored["network"]["conv"]
         assert TrainConfig.from_dict(stored).network.conv == "lax"
 
+    def test_descriptions_name_the_network(self, capsys):
+        from moescale.cli import main
+        from moescale.config import NetworkConfig
+        from moescale.networks import describe_network
+
+        net = get_preset("minatar-dqn").network
+        assert describe_network(net) == "Conv(16, 3x3) -> flatten -> Dense(512) -> ReLU -> Q head"
+        assert describe_network(NetworkConfig(encoder="minatar", moe="none")) == "Conv(16, 3x3) -> flatten -> Q head"
+        moe = NetworkConfig(moe="softmoe", num_experts=8, residual=True, pre_norm=True, head="c51", num_atoms=51,
+                            dueling=True, noisy=True)
+        assert describe_network(moe) == ("Impala CNN (16-32-32) -> per_conv tokens -> Soft MoE-8 (residual, pre-norm) "
+                                         "-> flatten -> noisy dueling C51 head (51 atoms)")
+        assert main(["presets"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == len(PRESETS)
+        for name, line in zip(PRESETS, lines, strict=True):
+            assert line.startswith(name) and line.endswith("network: " + describe_network(get_preset(name).network))
+        # the MinAtar presets do not claim a paper's network they do not build
+        for name in ("minatar-dqn", "minatar-rainbow"):
+            assert "Dense(512)" in PRESETS[name][0] and "--moe none" in PRESETS[name][0]
+
     def test_unknown_preset_suggests(self):
         with pytest.raises(ValueError, match="did you mean 'minatar-dqn'"):
             get_preset("minatar-dq")

@@ -232,3 +232,31 @@ def _forward_flops(module: QNetwork, params: Any, dummy: jax.ShapeDtypeStruct) -
     forward = jax.jit(lambda p, x: module.apply(p, x, rngs={"phi": jax.random.key(0)}))
     cost = forward.lower(params, dummy).cost_analysis()
     return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+ENCODER_WORDS = {"nature": "Nature CNN (32-64-64)", "impala": "Impala CNN (16-32-32)", "minatar": "Conv(16, 3x3)",
+                 "mlp": "MLP"}
+
+
+def describe_network(config: NetworkConfig) -> str:
+    """The network a config builds, in one line: encoder -> penultimate layer -> head."""
+    enc = ENCODER_WORDS[config.encoder]
+    if config.encoder_widths is not None:
+        widths = "-".join(str(w) for w in config.encoder_widths)
+        enc = {"minatar": f"Conv({widths}, 3x3)", "mlp": f"MLP({widths})", "impala": f"Impala CNN ({widths})"}.get(
+            config.encoder, enc)
+    if config.moe == "none":
+        layer = "flatten"
+    elif config.moe == "dense" and config.token_kind == "per_sample":
+        layer = f"flatten -> Dense({config.hidden * config.width_multiplier}) -> ReLU"
+    else:
+        name = {"dense": "token-wise MLP", "softmoe": f"Soft MoE-{config.num_experts}",
+                "topk": f"Top-{config.k} MoE-{config.num_experts}",
+                "expert_choice": f"Expert-choice MoE-{config.num_experts}"}[config.moe]
+        around = [w for w, on in (("residual", config.residual), ("pre-norm", config.pre_norm)) if on]
+        layer = (f"{config.token_kind} tokens -> {name}{' (' + ', '.join(around) + ')' if around else ''}"
+                 f" -> {config.aggregation}")
+    head = f"C51 head ({config.num_atoms} atoms)" if config.head == "c51" else "Q head"
+    head = " ".join(w for w, on in (("noisy", config.noisy), ("dueling", config.dueling)) if on) + (
+        " " if config.noisy or config.dueling else "") + head
+    return f"{enc} -> {layer} -> {head}"
