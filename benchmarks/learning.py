@@ -56,9 +56,12 @@ def last_steps(run_dir: Path) -> int:
 
 
 def layer_name(config: dict) -> str:
-    """"dense" (with " xW" for a width multiplier W > 1) or "MOE-E", then what sets the run apart from the
-    preset's Soft MoE: a tokenizer other than per_conv (per_patch with its patch size) and normalization."""
+    """"dense" (with " xW" for a width multiplier W > 1), "none" or "MOE-E", then what sets the run apart from the
+    preset's Soft MoE: a tokenizer other than per_conv (per_patch with its patch size), normalization, and the
+    remedies around the layer (residual, pre-norm, a Phi scale)."""
     net = config["network"]
+    if net["moe"] == "none":
+        return "none"
     if net["moe"] == "dense":
         width = net.get("width_multiplier", 1)
         return "dense" if width == 1 else f"dense x{width}"
@@ -68,7 +71,9 @@ def layer_name(config: dict) -> str:
         name += f" per_patch {net['patch_size']}x{net['patch_size']}"
     elif tokenizer != "per_conv":
         name += f" {tokenizer}"
-    return name + (" normalized" if net.get("normalize") else "")
+    name += " normalized" if net.get("normalize") else ""
+    name += "".join(f" {word}" for key, word in (("residual", "residual"), ("pre_norm", "pre-norm")) if net.get(key))
+    return name + (f" phi x{net['phi_scale']:g}" if net.get("phi_scale", 1.0) != 1.0 else "")
 
 
 def mean_sd(values: list[float], digits: int) -> str:

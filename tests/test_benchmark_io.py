@@ -91,6 +91,9 @@ class TestLearningTable:
         assert name(moe="softmoe", num_experts=4, tokenizer="per_feature") == "softmoe-4 per_feature"
         assert name(moe="topk", num_experts=8, tokenizer="per_patch", patch_size=2) == "topk-8 per_patch 2x2"
         assert name(moe="softmoe", num_experts=4, normalize=True) == "softmoe-4 normalized"
+        assert name(moe="none") == "none"
+        assert name(moe="softmoe", num_experts=4, residual=True, pre_norm=True) == "softmoe-4 residual pre-norm"
+        assert name(moe="softmoe", num_experts=4, pre_norm=True, phi_scale=10.0) == "softmoe-4 pre-norm phi x10"
 
     def test_written_section_has_its_title_command_and_rows(self, tmp_path):
         learning = _load("learning")

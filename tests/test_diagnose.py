@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from moescale.analysis.diagnose import (
-    COLLAPSE_RATIO,
+    COLLAPSE_Q_RATIO,
+    COLLAPSE_SRANK_RATIO,
     METRICS,
     collapse_warning,
     collapsed,
@@ -95,11 +96,14 @@ class TestCountingMeasures:
 
 
 class TestVerdict:
-    def test_collapsed_below_the_ratio_of_the_dense_layers_q_sensitivity(self):
-        dense = {"q_state_sensitivity": 0.2}
-        assert collapsed({"q_state_sensitivity": 0.2 * COLLAPSE_RATIO * 0.99}, dense)
-        assert not collapsed({"q_state_sensitivity": 0.2 * COLLAPSE_RATIO * 1.01}, dense)
-        assert not collapsed({"q_state_sensitivity": 0.0}, {"q_state_sensitivity": 0.0})
+    def test_collapsed_below_either_ratio_of_the_dense_layers_values(self):
+        dense = {"q_state_sensitivity": 0.2, "feature_srank": 40}
+        healthy = {"q_state_sensitivity": 0.2 * COLLAPSE_Q_RATIO * 1.01, "feature_srank": 40 * COLLAPSE_SRANK_RATIO}
+        assert not collapsed(healthy, dense)
+        assert collapsed({**healthy, "q_state_sensitivity": 0.2 * COLLAPSE_Q_RATIO * 0.99}, dense)
+        assert collapsed({**healthy, "feature_srank": 40 * COLLAPSE_SRANK_RATIO - 0.5}, dense)
+        still = {"q_state_sensitivity": 0.0, "feature_srank": 1}
+        assert not collapsed(still, {"q_state_sensitivity": 0.0, "feature_srank": 1})
 
     def test_dense_baseline_keeps_encoder_and_head(self):
         cfg = NetworkConfig(encoder="minatar", conv="matmul", moe="softmoe", num_experts=4, residual=True,
@@ -131,7 +135,8 @@ class TestMinAtarAtInitialisation:
         assert layer["dispatch_entropy_fraction"] > 0.99 and layer["combine_entropy_fraction"] > 0.99
         assert 0.2 < layer["zero_token_fraction"] < 0.6  # the sparse Breakout frames: many all-zero conv outputs
         assert layer["token_spread"] < 0.1
-        assert layer["q_state_sensitivity"] < COLLAPSE_RATIO * dense["q_state_sensitivity"]
+        assert layer["q_state_sensitivity"] < COLLAPSE_Q_RATIO * dense["q_state_sensitivity"]
+        assert layer["feature_srank"] < COLLAPSE_SRANK_RATIO * dense["feature_srank"]
         assert set(layer) == set(METRICS) == set(dense)
         # the dense layer has no routing and one token
         assert dense["dispatch_entropy_fraction"] is None and dense["token_spread"] is None
@@ -149,7 +154,8 @@ class TestMinAtarAtInitialisation:
     def test_no_penultimate_layer_has_only_sensitivities(self):
         found = diagnose_config(minatar("network.moe=none", seeds=1), states=16)
         none = [k for k, v in found["layer"].items() if v is None]
-        assert sorted(none) == sorted(set(METRICS) - {"feature_state_sensitivity", "q_state_sensitivity"})
+        assert sorted(none) == sorted(set(METRICS) - {"feature_state_sensitivity", "q_state_sensitivity",
+                                                      "feature_srank"})
         assert found["layer"]["q_state_sensitivity"] > 0
 
     def test_train_warning(self):

@@ -16,8 +16,15 @@ here show that, for a new network or a trained one, next to the dense layer on t
     feature_state_sensitivity   of the penultimate features, and
     q_state_sensitivity         of the Q-values: sum_d Var_B(x_d) / sum_d E_B(x_d^2); 0 when every state gives
                                 the same vector, 1 when the vectors have mean zero over states
+    feature_srank               srank of the penultimate features over the B states (Kumar et al. 2021, delta
+                                0.01): how many directions the head can tell states apart along
 
 An entry that does not apply to a layer (routing of a dense layer, tokens of a single-token layer) is None.
+
+Collapsed: the features span less than COLLAPSE_SRANK_RATIO of the dense layer's srank on the same states (the
+output tokens all alike, so the head reads about one token's worth of state), or the Q-values vary across states
+less than COLLAPSE_Q_RATIO of the dense layer's (README, "Collapse diagnostics", gives the measurements behind
+both thresholds).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moescale.analysis.metrics import state_sensitivity
+from moescale.analysis.metrics import srank, state_sensitivity
 from moescale.config import MOE_LAYERS, NetworkConfig, TrainConfig
 from moescale.layers.probes import ACTIVATIONS, FEATURES, RELU_SUFFIX, TOKENS
 from moescale.networks import Network, build_network
@@ -42,10 +49,13 @@ DIAGNOSE_STATES = 64  # states per batch (the issue's measurements: 64 random-po
 STATE_ENVS = 16  # environments the states are drawn from, side by side
 STATE_STEPS = 100  # steps of each: states from all through the first episodes, not only their starts
 METRICS = ("dispatch_entropy_fraction", "combine_entropy_fraction", "zero_token_fraction", "token_spread",
-           "dead_expert_units", "feature_state_sensitivity", "q_state_sensitivity")
-# A configuration is collapsed when its Q-values vary across states less than this fraction of the dense layer's
-# on the same encoder and states (README, "Collapse diagnostics", gives the measurements behind it).
-COLLAPSE_RATIO = 0.1
+           "dead_expert_units", "feature_state_sensitivity", "q_state_sensitivity", "feature_srank")
+# The thresholds of `collapsed`, as fractions of the dense layer's value on the same encoder and states. At
+# initialisation on MinAtar (benchmarks/collapse_screen.py, 3 seeds x 64 random-policy states), the paper's Soft
+# MoE-4 has 0.35-0.44 of the dense srank on the three games screened and Soft MoE-4 with a residual path 0.92-0.98;
+# on Breakout its Q sensitivity is 0.006 of the dense layer's, with a residual path 0.47.
+COLLAPSE_SRANK_RATIO = 0.5
+COLLAPSE_Q_RATIO = 0.1
 
 
 def token_spread(y: jax.Array) -> jax.Array:
@@ -103,6 +113,7 @@ def network_diagnostics(network: Network, params: Any, obs: jax.Array, key: jax.
     if features is None:  # moe="none" sows no penultimate features: the head reads the flattened feature map
         features = _only(found.get(ACTIVATIONS, {}), RELU_SUFFIX).reshape(obs.shape[0], -1)
     result["feature_state_sensitivity"] = state_sensitivity(features)
+    result["feature_srank"] = srank(features.reshape(obs.shape[0], -1))
     if cfg.moe == "none":
         return result
     tokens_in = _only(found.get(TOKENS, {}), "layer_input")
@@ -135,10 +146,25 @@ def with_encoder(params: Any, encoder_params: Any) -> Any:
     return {"params": {**params["params"], "encoder": encoder_params}}
 
 
-def collapsed(layer: Mapping[str, Any], dense: Mapping[str, Any]) -> bool:
-    """True when the layer's Q-values vary across states less than COLLAPSE_RATIO of the dense layer's."""
+def collapse_reasons(layer: Mapping[str, Any], dense: Mapping[str, Any]) -> list[str]:
+    """Why the layer counts as collapsed next to the dense layer on the same encoder and states (empty: it does
+    not): its features' srank below COLLAPSE_SRANK_RATIO of the dense layer's, its Q sensitivity below
+    COLLAPSE_Q_RATIO of the dense layer's."""
+    reasons = []
+    rank, rank_dense = layer["feature_srank"], dense["feature_srank"]
+    if rank < COLLAPSE_SRANK_RATIO * rank_dense:
+        reasons.append(f"its features span {rank:.3g} directions across states against the dense layer's "
+                       f"{rank_dense:.3g} (srank; collapsed below {COLLAPSE_SRANK_RATIO:g}x)")
     q, q_dense = layer["q_state_sensitivity"], dense["q_state_sensitivity"]
-    return bool(q_dense > 0 and q < COLLAPSE_RATIO * q_dense)
+    if q_dense > 0 and q < COLLAPSE_Q_RATIO * q_dense:
+        reasons.append(f"its Q-values vary across states {q / q_dense:.2g}x as much as the dense layer's "
+                       f"(collapsed below {COLLAPSE_Q_RATIO:g}x)")
+    return reasons
+
+
+def collapsed(layer: Mapping[str, Any], dense: Mapping[str, Any]) -> bool:
+    """True when collapse_reasons finds any."""
+    return bool(collapse_reasons(layer, dense))
 
 
 def _host(value: Any) -> Any:
@@ -219,7 +245,9 @@ def _summarise(config: TrainConfig, per_seed: list[dict[str, Any]], source: dict
     layer, dense = _mean([p["layer"] for p in per_seed]), _mean([p["dense_baseline"] for p in per_seed])
     net = config.network
     return {"layer": layer, "dense_baseline": dense, "collapsed": collapsed(layer, dense),
-            "collapse_rule": f"q_state_sensitivity below {COLLAPSE_RATIO:g} x the dense baseline's",
+            "collapse_reasons": collapse_reasons(layer, dense),
+            "collapse_rule": (f"feature_srank below {COLLAPSE_SRANK_RATIO:g} x the dense baseline's, or "
+                              f"q_state_sensitivity below {COLLAPSE_Q_RATIO:g} x the dense baseline's"),
             "env": config.env, "preset": config.preset, "moe": net.moe,
             "size": net.width_multiplier if net.moe == "dense" else net.num_experts,
             "network": net.to_dict(), **source, "per_seed": per_seed, "device": jax.devices()[0].device_kind}
@@ -260,7 +288,7 @@ def diagnose_run(run_dir: Path, states: int = DIAGNOSE_STATES) -> dict[str, Any]
 LABELS = {"dispatch_entropy_fraction": "dispatch entropy / max", "combine_entropy_fraction": "combine entropy / max",
           "zero_token_fraction": "zero input tokens", "token_spread": "output token spread",
           "dead_expert_units": "dead hidden units", "feature_state_sensitivity": "feature state sensitivity",
-          "q_state_sensitivity": "Q state sensitivity"}
+          "q_state_sensitivity": "Q state sensitivity", "feature_srank": "feature srank"}
 
 
 def describe(found: Mapping[str, Any]) -> str:
@@ -287,12 +315,10 @@ def format_diagnosis(found: Mapping[str, Any]) -> str:
     lines = [describe(found), "", f"{'':<28}{'layer':>10}{'dense':>10}"]
     for key in METRICS:
         lines.append(f"{LABELS[key]:<28}{cell(found['layer'][key]):>10}{cell(found['dense_baseline'][key]):>10}")
-    q, q_dense = found["layer"]["q_state_sensitivity"], found["dense_baseline"]["q_state_sensitivity"]
-    ratio = f"{q / q_dense:.3g}x the dense layer's" if q_dense > 0 else "the dense layer's is 0"
-    verdict = "COLLAPSED" if found["collapsed"] else "not collapsed"
-    lines += ["", f"{verdict}: Q state sensitivity {ratio} (collapsed below {COLLAPSE_RATIO:g}x)"]
     if found["collapsed"]:
-        lines.append(f"remedies: {REMEDY_HINT}")
+        lines += ["", "COLLAPSED: " + "; ".join(found["collapse_reasons"]), f"remedies: {REMEDY_HINT}"]
+    else:
+        lines += ["", f"not collapsed ({found['collapse_rule']})"]
     return "\n".join(lines)
 
 
@@ -308,9 +334,8 @@ def collapse_warning(config: TrainConfig) -> str | None:
     found = diagnose_config(dataclasses.replace(config, seeds=1))
     if not found["collapsed"]:
         return None
-    ratio = found["layer"]["q_state_sensitivity"] / found["dense_baseline"]["q_state_sensitivity"]
-    return (f"warning: this {config.network.moe} layer is collapsed at initialisation: its Q-values vary across "
-            f"states {ratio:.2g}x as much as the dense layer's (`moescale diagnose` with the same flags tells more); "
+    return (f"warning: this {config.network.moe} layer is collapsed at initialisation: "
+            f"{'; '.join(found['collapse_reasons'])} (`moescale diagnose` with the same flags tells more); "
             f"remedies: {REMEDY_HINT}")
 
 
