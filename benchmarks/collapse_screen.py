@@ -1,12 +1,17 @@
-"""Screen Soft MoE's remedies at initialisation: `moescale diagnose` for every remedy and combination on MinAtar.
+"""Screen Soft MoE's remedies at initialisation, and diagnose trained runs: `moescale diagnose` in tables.
 
-Each row is one configuration of the minatar-dqn preset (Soft MoE-4 as in the paper, with remedies on or off, and
-the reference layers), diagnosed at initialisation on 64 states of the uniformly random policy, averaged over the
-seeds; the columns are moescale.analysis.diagnose's measures and the Q sensitivity as a multiple of the dense
-layer's on the same encoder. A configuration is kept for training when it is not collapsed.
+`screen` (the default): each row is one configuration of the minatar-dqn preset (Soft MoE-4 as in the paper, with
+remedies on or off, and the reference layers), diagnosed at initialisation on 64 states of the uniformly random
+policy, averaged over the seeds; the columns are moescale.analysis.diagnose's measures, the Q sensitivity and the
+feature srank next to the dense layer's on the same encoder. A configuration is kept for training when it is not
+collapsed.
+`runs`: each row is a trained run directory (e.g. a study's run groups): its eval return at the end, then the
+diagnostics at initialisation (its config, random-policy states) -> on its newest checkpoint (its own policy's
+states); the latter is written to the run's diagnose.json.
 
-    python benchmarks/collapse_screen.py --games Breakout-MinAtar,SpaceInvaders-MinAtar,Asterix-MinAtar \
+    python benchmarks/collapse_screen.py screen --games Breakout-MinAtar,SpaceInvaders-MinAtar,Asterix-MinAtar \
         --seeds 3 --write BENCHMARKS.md
+    python benchmarks/collapse_screen.py runs studies/softmoe-minatar/runs/* --write BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -75,27 +80,81 @@ def screen(games: list[str], seeds: int, states: int) -> list[str]:
     return rows
 
 
+RUN_HEADER = ("| env | layer | seeds | agent steps | final eval return | collapsed | feature srank (dense) | "
+              "Q sens. / dense | dispatch H/max | token spread |")
+
+
+def run_rows(run_dirs: list[Path], states: int) -> list[str]:
+    """Markdown rows, one per run directory: returns at its end and diagnostics at initialisation -> at the end."""
+    import json
+
+    from learning import layer_name, mean_sd
+
+    from moescale.analysis.diagnose import diagnose_config, diagnose_run, write_diagnosis
+    from moescale.train.run import load_run_config
+
+    rows = []
+    for run_dir in run_dirs:
+        config = load_run_config(run_dir)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        found = [diagnose_config(config, states), diagnose_run(run_dir, states)]
+        write_diagnosis(found[1], run_dir)
+
+        def both(fn: object, found: list = found) -> str:
+            return " -> ".join(fn(f) for f in found)
+
+        srank = both(lambda f: f"{f['layer']['feature_srank']:.1f} ({f['dense_baseline']['feature_srank']:.1f})")
+        q = both(lambda f: f"{f['layer']['q_state_sensitivity'] / f['dense_baseline']['q_state_sensitivity']:.3f}")
+        dispatch = both(lambda f: cell(f["layer"]["dispatch_entropy_fraction"]))
+        spread = both(lambda f: cell(f["layer"]["token_spread"]))
+        verdict = both(lambda f: "yes" if f["collapsed"] else "no")
+        returns = summary["final_eval_return"]
+        rows.append(f"| {config.env} | {layer_name(config.to_dict())} | {config.seeds} | {summary['agent_steps']:,} | "
+                    f"{mean_sd(returns, 1)} ({', '.join(f'{r:.1f}' for r in returns)}) | {verdict} | {srank} | {q} | "
+                    f"{dispatch} | {spread} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--games", default="Breakout-MinAtar", help="comma list of MinAtar games")
-    parser.add_argument("--seeds", type=int, default=3, help="initialisations per configuration (averaged)")
-    parser.add_argument("--states", type=int, default=64, help="random-policy states per seed")
-    parser.add_argument("--write", type=Path, help="markdown file whose collapse-screen section to replace")
+    sub = parser.add_subparsers(dest="mode")
+    sub.required = False
+    runs = sub.add_parser("runs", help="diagnose trained runs at initialisation and at their end")
+    runs.add_argument("run_dirs", type=Path, nargs="+", help="run directories (with summary.json and checkpoints)")
+    runs.add_argument("--title", default="Soft MoE on MinAtar: remedies, returns and diagnostics")
+    runs.add_argument("--section", default="softmoe-minatar")
+    screen_p = sub.add_parser("screen", help="diagnose configurations at initialisation (the default)")
+    for p in (parser, screen_p):
+        p.add_argument("--games", default="Breakout-MinAtar", help="comma list of MinAtar games")
+        p.add_argument("--seeds", type=int, default=3, help="initialisations per configuration (averaged)")
+    for p in (parser, screen_p, runs):
+        p.add_argument("--states", type=int, default=64, help="states per seed")
+        p.add_argument("--write", type=Path, help="markdown file whose section to replace")
     args = parser.parse_args(argv)
-    if args.seeds < 1 or args.states < 2:
+    if getattr(args, "seeds", 1) < 1 or args.states < 2:
         parser.error("--seeds must be >= 1 and --states >= 2")
-    rows = screen(args.games.split(","), args.seeds, args.states)
+    from moescale.analysis.diagnose import COLLAPSE_Q_RATIO, COLLAPSE_SRANK_RATIO
+
+    rule = (f"Collapsed: feature srank below {COLLAPSE_SRANK_RATIO:g}x the dense layer's, or (at initialisation) Q "
+            f"sensitivity below {COLLAPSE_Q_RATIO:g}x the dense layer's (a fresh dense layer on the same encoder "
+            "parameters and states).")
+    if args.mode == "runs":
+        rows = run_rows(args.run_dirs, args.states)
+        title, section, header = args.title, args.section, RUN_HEADER
+        how = (f"final eval return (mean ± sd over seeds, then each seed); diagnostics as initialisation -> end, "
+               f"means over seeds, {args.states} states per seed (uniformly random policy at initialisation, each "
+               f"seed's own policy at the end). {rule}")
+    else:
+        rows = screen(args.games.split(","), args.seeds, args.states)
+        title, section, header = "Soft MoE collapse screen at initialisation (MinAtar)", "collapse-screen", HEADER
+        how = (f"minatar-dqn at initialisation, {args.seeds} seeds x {args.states} states of the uniformly random "
+               f"policy; means over seeds. {rule}")
     if args.write:
         from layer_step import section_text, write_section
 
-        from moescale.analysis.diagnose import COLLAPSE_Q_RATIO, COLLAPSE_SRANK_RATIO
-
-        how = (f"minatar-dqn at initialisation, {args.seeds} seeds x {args.states} states of the uniformly random "
-               f"policy; means over seeds. Collapsed: feature srank below {COLLAPSE_SRANK_RATIO:g}x the dense "
-               f"layer's, or Q sensitivity below {COLLAPSE_Q_RATIO:g}x the dense layer's.")
-        body = "\n".join([HEADER, "|" + "---|" * 12, *rows])
-        write_section(args.write, section_text("Soft MoE collapse screen at initialisation (MinAtar)",
-                                               "collapse_screen.py", argv, how, body), "collapse-screen")
+        body = "\n".join([header, "|" + "---|" * header.count(" | ") + "---|", *rows])
+        write_section(args.write, section_text(title, "collapse_screen.py", argv, how, body), section)
     return 0
 
 

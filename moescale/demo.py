@@ -1,10 +1,12 @@
-"""The main job: dense vs Soft MoE-4 DQN on Breakout-MinAtar, 2 seeds each, side by side.
+"""The main job: DQN on Breakout-MinAtar with the dense layer, the paper's Soft MoE-4 and Soft MoE-4 with a
+residual path, 2 seeds each, side by side with the collapse diagnostics of each layer.
 
     python -m moescale.demo [--steps 40000] [--out runs/demo]
 
-Both runs use the minatar-dqn preset (4 environments per seed at the preset's replay ratio, one update per
+Every run uses the minatar-dqn preset (4 environments per seed at the preset's replay ratio, one update per
 4 agent steps) with a short budget so the whole job finishes within ~10 minutes on a 2-core CPU; the
-returns at that budget are early-learning numbers, not the paper's 10M-step results.
+returns at that budget are early-learning numbers, not the paper's 10M-step results. The diagnostics
+(moescale.analysis.diagnose) are taken at initialisation and on each run's final parameters.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from moescale.analysis.diagnose import diagnose_config, diagnose_run, write_diagnosis
 from moescale.presets import apply_overrides, get_preset
 from moescale.train.run import train
 
-ARCHS = {"dense": ["network.moe=dense"], "softmoe-4": ["network.moe=softmoe", "network.num_experts=4"]}
+SOFTMOE4 = ["network.moe=softmoe", "network.num_experts=4"]
+ARCHS = {"dense": ["network.moe=dense"], "softmoe-4": SOFTMOE4,
+         "softmoe-4-residual": [*SOFTMOE4, "network.residual=true"]}
 
 
 def read_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +57,25 @@ def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: st
     plt.close(fig)
 
 
+DIAGNOSED = (("feature_srank", "feature srank", 1), ("q_state_sensitivity", "Q state sensitivity", 3),
+             ("dispatch_entropy_fraction", "dispatch entropy / max", 3), ("token_spread", "output token spread", 3))
+
+
+def diagnostics_table(diagnosed: dict[str, list[dict]]) -> str:
+    """Markdown rows, one per layer: collapsed or not (against a dense layer on the same encoder parameters and
+    states), then the layer's own feature srank, Q sensitivity, dispatch entropy over its maximum and output token
+    spread; each at initialisation -> at the end, means over seeds."""
+    def both(key: str, digits: int, found: list[dict]) -> str:
+        return " -> ".join("-" if f["layer"][key] is None else f"{f['layer'][key]:.{digits}f}" for f in found)
+
+    lines = ["| layer | collapsed | " + " | ".join(label for _, label, _ in DIAGNOSED) + " |", "|---|---|---|---|---|---|"]
+    for name, found in diagnosed.items():
+        verdict = " -> ".join("yes" if f["collapsed"] else "no" for f in found)
+        lines.append(f"| {name} | {verdict} | " + " | ".join(both(key, digits, found) for key, _, digits in DIAGNOSED)
+                     + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40_000, help="agent steps per seed (multiple of 4000)")
@@ -61,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--steps={args.steps}: must be a positive multiple of 4000")
     common = [f"steps={args.steps}", "seeds=2", "num_envs=4", "iteration_steps=4000", "eval_episodes=8",
               "eval_max_steps=2000", "checkpoint_every=5"]
-    summaries, curves = {}, {}
+    summaries, curves, diagnosed = {}, {}, {}
     for name, sets in ARCHS.items():
         config = apply_overrides(get_preset("minatar-dqn"), common + sets)
+        diagnosed[name] = [diagnose_config(config)]
         summaries[name] = train(config, args.out / name, force=True)
+        diagnosed[name].append(diagnose_run(args.out / name))
+        write_diagnosis(diagnosed[name][-1], args.out / name)
         curves[name] = read_curve(args.out / name)
     device = next(iter(summaries.values()))["device"]
     # Returns are bitwise reproducible on one machine, not across CPU kinds: the table says which CPU it ran on.
@@ -75,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         per_seed = ", ".join(f"{r:.2f}" for r in s["final_eval_return"])
         print(f"| {name} | {s['params']['total']:,} | {per_seed} | {s['mean_final_eval_return']:.2f} | "
               f"{s['agent_steps_per_second']:,.0f} | {s['compile_seconds']:.1f} |")
+    print(f"\nCollapse diagnostics (moescale diagnose), at initialisation (64 random-policy states) -> after "
+          f"{args.steps:,} steps (64 states of each seed's policy)\n")
+    print(diagnostics_table(diagnosed))
     png = args.out / "learning_curves.png"
     plot(curves, png, f"Breakout-MinAtar DQN, {args.steps:,} steps, 2 seeds")
     print(f"\nlearning curves: {png}")

@@ -9,17 +9,26 @@ import pytest
 from moescale import demo
 
 
-def test_demo_trains_both_layers_and_prints_their_table(tmp_path, capsys):
+def test_demo_trains_every_layer_and_prints_returns_and_diagnostics(tmp_path, capsys):
     assert demo.main(["--steps", "4000", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith(("| dense |", "| softmoe-4 |"))]
-    assert len(rows) == 2
-    for name, row in zip(("dense", "softmoe-4"), rows, strict=True):
+    names = list(demo.ARCHS)
+    assert names == ["dense", "softmoe-4", "softmoe-4-residual"]
+    rows = [line for line in out.splitlines() if line.startswith(tuple(f"| {n} |" for n in names))]
+    assert len(rows) == 2 * len(names)  # returns, then diagnostics
+    returns, diagnostics = rows[:3], rows[3:]
+    for name, row in zip(names, returns, strict=True):
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["agent_steps"] == 4000 and summary["seeds"] == 2
         per_seed = ", ".join(f"{r:.2f}" for r in summary["final_eval_return"])
         assert row.split(" | ")[2] == per_seed  # the table shows the runs' own returns
     assert f"on {summary['device']}" in out
+    # the paper's Soft MoE is collapsed at initialisation, the residual one is not, nor dense; each cell is the
+    # diagnose.json value at initialisation -> at the end
+    verdicts = [row.split(" | ")[1] for row in diagnostics]
+    assert verdicts[1].startswith("yes ->") and verdicts[2].startswith("no ->") and verdicts[0] == "no -> no"
+    end = json.loads((tmp_path / "softmoe-4" / "diagnose.json").read_text())
+    assert diagnostics[1].split(" | ")[2].endswith(f"-> {end['layer']['feature_srank']:.1f}")
     assert (tmp_path / "learning_curves.png").stat().st_size > 1000
 
 

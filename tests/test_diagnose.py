@@ -104,6 +104,9 @@ class TestVerdict:
         assert collapsed({**healthy, "feature_srank": 40 * COLLAPSE_SRANK_RATIO - 0.5}, dense)
         still = {"q_state_sensitivity": 0.0, "feature_srank": 1}
         assert not collapsed(still, {"q_state_sensitivity": 0.0, "feature_srank": 1})
+        # a trained network is judged by its srank alone
+        assert not collapsed({**healthy, "q_state_sensitivity": 0.0}, dense, initial=False)
+        assert collapsed({**healthy, "feature_srank": 1}, dense, initial=False)
 
     def test_dense_baseline_keeps_encoder_and_head(self):
         cfg = NetworkConfig(encoder="minatar", conv="matmul", moe="softmoe", num_experts=4, residual=True,
@@ -189,6 +192,7 @@ class TestCommand:
         assert main(["diagnose", str(softmoe_run), "--states", "16"]) == 0
         found = json.loads((softmoe_run / "diagnose.json").read_text())
         assert found["source"] == "run" and found["agent_steps"] == 2000 and len(found["per_seed"]) == 2
+        assert "q_state_sensitivity" not in found["collapse_rule"]
         assert all(0 <= found["layer"][k] <= 1 for k in ("dispatch_entropy_fraction", "q_state_sensitivity"))
         assert "at 2,000 agent steps" in capsys.readouterr().out
 

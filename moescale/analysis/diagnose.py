@@ -22,14 +22,16 @@ here show that, for a new network or a trained one, next to the dense layer on t
 An entry that does not apply to a layer (routing of a dense layer, tokens of a single-token layer) is None.
 
 Collapsed: the features span less than COLLAPSE_SRANK_RATIO of the dense layer's srank on the same states (the
-output tokens all alike, so the head reads about one token's worth of state), or the Q-values vary across states
-less than COLLAPSE_Q_RATIO of the dense layer's (README, "Collapse diagnostics", gives the measurements behind
-both thresholds).
+output tokens all alike, so the head reads about one token's worth of state), or, at initialisation, the Q-values
+vary across states less than COLLAPSE_Q_RATIO of the dense layer's (README, "Collapse diagnostics", gives the
+measurements behind both thresholds). A trained run is judged by the srank alone: its Q-values carry a learnt
+offset common to all states, which a fresh dense layer's do not, so their sensitivities do not compare.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -146,25 +148,25 @@ def with_encoder(params: Any, encoder_params: Any) -> Any:
     return {"params": {**params["params"], "encoder": encoder_params}}
 
 
-def collapse_reasons(layer: Mapping[str, Any], dense: Mapping[str, Any]) -> list[str]:
+def collapse_reasons(layer: Mapping[str, Any], dense: Mapping[str, Any], initial: bool = True) -> list[str]:
     """Why the layer counts as collapsed next to the dense layer on the same encoder and states (empty: it does
-    not): its features' srank below COLLAPSE_SRANK_RATIO of the dense layer's, its Q sensitivity below
-    COLLAPSE_Q_RATIO of the dense layer's."""
+    not): its features' srank below COLLAPSE_SRANK_RATIO of the dense layer's, and for networks at
+    initialisation (`initial`) its Q sensitivity below COLLAPSE_Q_RATIO of the dense layer's."""
     reasons = []
     rank, rank_dense = layer["feature_srank"], dense["feature_srank"]
     if rank < COLLAPSE_SRANK_RATIO * rank_dense:
         reasons.append(f"its features span {rank:.3g} directions across states against the dense layer's "
                        f"{rank_dense:.3g} (srank; collapsed below {COLLAPSE_SRANK_RATIO:g}x)")
     q, q_dense = layer["q_state_sensitivity"], dense["q_state_sensitivity"]
-    if q_dense > 0 and q < COLLAPSE_Q_RATIO * q_dense:
+    if initial and q_dense > 0 and q < COLLAPSE_Q_RATIO * q_dense:
         reasons.append(f"its Q-values vary across states {q / q_dense:.2g}x as much as the dense layer's "
                        f"(collapsed below {COLLAPSE_Q_RATIO:g}x)")
     return reasons
 
 
-def collapsed(layer: Mapping[str, Any], dense: Mapping[str, Any]) -> bool:
+def collapsed(layer: Mapping[str, Any], dense: Mapping[str, Any], initial: bool = True) -> bool:
     """True when collapse_reasons finds any."""
-    return bool(collapse_reasons(layer, dense))
+    return bool(collapse_reasons(layer, dense, initial))
 
 
 def _host(value: Any) -> Any:
@@ -194,18 +196,24 @@ def random_states(config: TrainConfig, count: int = DIAGNOSE_STATES, seed: int =
     if is_host_env(config.env):
         obs = _host_random_states(config, seed)
     else:
-        from moescale.envs import make_env
-        from moescale.train.rollout import collect_transitions
-
-        env = make_env(config.env, config.sticky_prob, config.max_episode_steps)
-
-        def act(o: jax.Array, k: jax.Array) -> jax.Array:
-            return jax.random.randint(k, (o.shape[0],), 0, env.num_actions, jnp.int32)
-
-        obs = jax.jit(lambda k: collect_transitions(env, act, k, STATE_ENVS, STATE_STEPS).obs)(key_run)
+        obs = _random_collector(config.env, config.sticky_prob, config.max_episode_steps)(key_run)
     if obs.shape[0] < count:
         raise ValueError(f"--states={count}: at most {obs.shape[0]} states are drawn from {config.env}")
     return np.asarray(obs)[np.asarray(jax.random.permutation(key_pick, obs.shape[0]))[:count]]
+
+
+@functools.lru_cache(maxsize=16)
+def _random_collector(name: str, sticky_prob: float | None, max_steps: int | None) -> Any:
+    """key -> observations (STATE_ENVS * STATE_STEPS, *obs) of the random policy on a JAX env, compiled once."""
+    from moescale.envs import make_env
+    from moescale.train.rollout import collect_transitions
+
+    env = make_env(name, sticky_prob, max_steps)
+
+    def act(o: jax.Array, k: jax.Array) -> jax.Array:
+        return jax.random.randint(k, (o.shape[0],), 0, env.num_actions, jnp.int32)
+
+    return jax.jit(lambda k: collect_transitions(env, act, k, STATE_ENVS, STATE_STEPS).obs)
 
 
 def _host_random_states(config: TrainConfig, seed: int) -> np.ndarray:
@@ -244,10 +252,12 @@ def _mean(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def _summarise(config: TrainConfig, per_seed: list[dict[str, Any]], source: dict[str, Any]) -> dict[str, Any]:
     layer, dense = _mean([p["layer"] for p in per_seed]), _mean([p["dense_baseline"] for p in per_seed])
     net = config.network
-    return {"layer": layer, "dense_baseline": dense, "collapsed": collapsed(layer, dense),
-            "collapse_reasons": collapse_reasons(layer, dense),
-            "collapse_rule": (f"feature_srank below {COLLAPSE_SRANK_RATIO:g} x the dense baseline's, or "
-                              f"q_state_sensitivity below {COLLAPSE_Q_RATIO:g} x the dense baseline's"),
+    initial = source["source"] == "initialisation"
+    rule = f"feature_srank below {COLLAPSE_SRANK_RATIO:g} x the dense baseline's"
+    if initial:
+        rule += f", or q_state_sensitivity below {COLLAPSE_Q_RATIO:g} x the dense baseline's"
+    return {"layer": layer, "dense_baseline": dense, "collapsed": collapsed(layer, dense, initial),
+            "collapse_reasons": collapse_reasons(layer, dense, initial), "collapse_rule": rule,
             "env": config.env, "preset": config.preset, "moe": net.moe,
             "size": net.width_multiplier if net.moe == "dense" else net.num_experts,
             "network": net.to_dict(), **source, "per_seed": per_seed, "device": jax.devices()[0].device_kind}
