@@ -68,7 +68,8 @@ def diagnostics_table(diagnosed: dict[str, list[dict]]) -> str:
     def both(key: str, digits: int, found: list[dict]) -> str:
         return " -> ".join("-" if f["layer"][key] is None else f"{f['layer'][key]:.{digits}f}" for f in found)
 
-    lines = ["| layer | collapsed | " + " | ".join(label for _, label, _ in DIAGNOSED) + " |", "|---|---|---|---|---|---|"]
+    lines = ["| layer | collapsed | " + " | ".join(label for _, label, _ in DIAGNOSED) + " |",
+             "|---|---|---|---|---|---|"]
     for name, found in diagnosed.items():
         verdict = " -> ".join("yes" if f["collapsed"] else "no" for f in found)
         lines.append(f"| {name} | {verdict} | " + " | ".join(both(key, digits, found) for key, _, digits in DIAGNOSED)

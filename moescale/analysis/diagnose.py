@@ -173,11 +173,17 @@ def _host(value: Any) -> Any:
     return None if value is None else float(value)
 
 
-def diagnose_params(network: Network, params: Any, obs: jax.Array, key: jax.Array) -> dict[str, dict[str, Any]]:
-    """{"layer": METRICS of the network, "dense_baseline": METRICS of the dense layer with the same encoder
-    parameters (its own layer and head initialised from key)} on observations (B, *obs), as floats or None."""
-    dense = build_network(dense_baseline_config(network.config), network.obs_shape, network.module.num_actions,
-                          network.obs_dtype)
+def dense_network(network: Network) -> Network:
+    """The dense baseline network (dense_baseline_config) on the same observations and actions."""
+    return build_network(dense_baseline_config(network.config), network.obs_shape, network.module.num_actions,
+                         network.obs_dtype)
+
+
+def diagnose_params(network: Network, dense: Network, params: Any, obs: jax.Array,
+                    key: jax.Array) -> dict[str, dict[str, Any]]:
+    """{"layer": METRICS of the network, "dense_baseline": METRICS of the dense network (dense_network) with the
+    same encoder parameters, its own layer and head initialised from key} on observations (B, *obs), as floats or
+    None."""
     dense_params = with_encoder(dense.init(key), params["params"]["encoder"])
     layer = jax.device_get(network_diagnostics(network, params, obs, key))
     base = jax.device_get(network_diagnostics(dense, dense_params, obs, key))
@@ -267,11 +273,12 @@ def diagnose_config(config: TrainConfig, states: int = DIAGNOSE_STATES) -> dict[
     """Diagnostics of a new run's networks at initialisation (each of its seeds as train would start it), on
     `states` states of the uniformly random policy (the same states for every seed)."""
     network = network_of(config)
+    dense = dense_network(network)
     obs = jnp.asarray(random_states(config, states, config.seed))
     per_seed = []
     for s in range(config.seeds):
         key = initial_key(config, s)
-        per_seed.append({"seed": s, **diagnose_params(network, network.init(key), obs, key)})
+        per_seed.append({"seed": s, **diagnose_params(network, dense, network.init(key), obs, key)})
     return _summarise(config, per_seed, {"source": "initialisation", "run": None, "agent_steps": 0,
                                          "states": states, "state_policy": "uniformly random"})
 
@@ -284,11 +291,12 @@ def diagnose_run(run_dir: Path, states: int = DIAGNOSE_STATES) -> dict[str, Any]
     parts = load_run(Path(run_dir))
     iteration, stacked = saved_params(parts)[-1]
     cfg = parts.config
+    dense = dense_network(parts.network)
     per_seed = []
     for s in range(cfg.seeds):
         params = seed_params(stacked, s)
         obs = held_out_batch(parts, params, s, states).obs
-        per_seed.append({"seed": s, **diagnose_params(parts.network, params, obs, initial_key(cfg, s))})
+        per_seed.append({"seed": s, **diagnose_params(parts.network, dense, params, obs, initial_key(cfg, s))})
     return _summarise(cfg, per_seed, {"source": "run", "run": str(run_dir), "iteration": iteration,
                                       "agent_steps": min(iteration * cfg.iteration_steps, cfg.steps),
                                       "states": states,
