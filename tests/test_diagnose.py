@@ -223,3 +223,20 @@ class TestCommand:
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "no snapshots or checkpoints" in err
         assert not (tmp_path / "diagnose.json").exists()
+
+
+def test_train_prints_the_warning_before_training(tmp_path, capsys, monkeypatch):
+    import moescale.train.run as run
+
+    summary = {"env": "Breakout-MinAtar", "moe": "softmoe", "experts": 4, "seeds": 1, "agent_steps": 0,
+               "mean_final_eval_return": 0.0, "agent_steps_per_second": 0.0, "compile_seconds": 0.0,
+               "wall_seconds": 0.0, "offline": None}
+    monkeypatch.setattr(run, "train", lambda *a, **k: summary)  # what happens before training is the subject
+    argv = ["train", "--moe", "softmoe", "--experts", "4", "--out", str(tmp_path / "r"), "--no-progress"]
+    assert main(argv) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(err) == 1 and "collapsed at initialisation" in err[0] and "network.residual=true" in err[0]
+    assert main([*argv, "--no-collapse-check"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main([*argv, "--set", "network.residual=true"]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -353,7 +353,8 @@ def collapse_warning(config: TrainConfig) -> str | None:
     if not found["collapsed"]:
         return None
     return (f"warning: this {config.network.moe} layer is collapsed at initialisation: "
-            f"{'; '.join(found['collapse_reasons'])} (`moescale diagnose` with the same flags tells more); "
+            f"{'; '.join(found['collapse_reasons'])}. Whether training lifts it shows in `moescale diagnose RUN_DIR` "
+            f"(the paper's Soft MoE on MinAtar stays collapsed and learns below the dense layer, BENCHMARKS.md); "
             f"remedies: {REMEDY_HINT}")
 
 
