@@ -549,10 +549,10 @@ class TestTopKMoE:
         module = TopKMoE(num_experts=2, k=1, capacity_factor=0.5, expert_hidden=2)
         assert module.capacity(3) == 1
         np.testing.assert_allclose(apply(module, params, x), [[0.75, 0], [0, 1.5], [0, 0]], atol=1e-6)
-        # k = 2, cf = 0.5: capacity ceil(3 * 2 * 0.5 / 2) = 2. Choice-major (see TestTopkAssign): kept are
-        # t0 -> e0, t0 -> e1, t1 -> e1, t2 -> e0; dropped t1 -> e0 and t2 -> e1.
+        # k = 2, cf = 0.5, GShard's capacity ceil(3 * 2 * 0.5 / 2) = 2. Choice-major (see TestTopkAssign): kept
+        # are t0 -> e0, t0 -> e1, t1 -> e1, t2 -> e0; dropped t1 -> e0 and t2 -> e1.
         # y0 = .75 * (1, 0) + .25 * 2 * (1, 0) = (1.25, 0); y1 = .75 * (0, 2) = (0, 1.5); y2 = .75 * (1, 0).
-        module = TopKMoE(num_experts=2, k=2, capacity_factor=0.5, expert_hidden=2)
+        module = TopKMoE(num_experts=2, k=2, capacity_factor=0.5, expert_hidden=2, capacity_times_k=True)
         assert module.capacity(3) == 2
         np.testing.assert_allclose(apply(module, params, x), [[1.25, 0], [0, 1.5], [0.75, 0]], atol=1e-6)
 
