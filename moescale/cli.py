@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 from moescale.config import DATASET_MODES, MOE_TYPES
-
-DEFAULT_PRESET = "minatar-dqn"
+from moescale.presets import DEFAULT_PRESET
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,33 +60,11 @@ def parse_fraction(text: str) -> float:
 
 
 def _build_config(args: argparse.Namespace):
-    from moescale.presets import apply_overrides, fit_iteration_to_steps, get_preset
+    from moescale.presets import config_from_options
 
-    config = get_preset(args.preset or DEFAULT_PRESET)
-    sets = []
-    if args.env:
-        sets.append(f"env={args.env}")
-    if args.moe:
-        # Reset the other family's size first so every intermediate config is valid.
-        sets.append("network.num_experts=1" if args.moe == "dense" else "network.width_multiplier=1")
-        if args.moe == "none":
-            sets.append("network.num_experts=1")
-        sets.append(f"network.moe={args.moe}")
-    if args.experts is not None:
-        moe = args.moe or config.network.moe
-        sets.append(f"network.width_multiplier={args.experts}" if moe == "dense"
-                    else f"network.num_experts={args.experts}")
-    if args.seeds is not None:
-        sets.append(f"seeds={args.seeds}")
-    if args.steps is not None:
-        sets.append(f"steps={args.steps}")
-    if args.dataset is not None:
-        sets.append(f"dataset={json.dumps(str(args.dataset))}")  # quoted: YAML keeps any path a string
-    if args.subset is not None:
-        sets.append(f"dataset_subset={parse_fraction(args.subset)!r}")
-    if args.subset_mode is not None:
-        sets.append(f"dataset_mode={args.subset_mode}")
-    return fit_iteration_to_steps(apply_overrides(config, sets + args.set), args.set)
+    return config_from_options(args.preset, args.env or None, args.moe, args.experts, args.seeds, args.steps,
+                               args.dataset, None if args.subset is None else parse_fraction(args.subset),
+                               args.subset_mode, args.set)
 
 
 def whole_iterations_note(config) -> str | None:

@@ -235,3 +235,43 @@ def _parse_at(obj: Any, path: list[str], text: str, full: str) -> Any:
     if dataclasses.is_dataclass(current):
         checks.fail(full, text, f"{name!r} is a group of fields; set one of them, e.g. {name}.<field>=...")
     return _parse_value(full, text, current, str(fields[name].type))
+
+
+DEFAULT_PRESET = "minatar-dqn"
+
+
+def config_from_options(preset: str | None = None, env: str | None = None, moe: str | None = None,
+                        experts: int | None = None, seeds: int | None = None, steps: int | None = None,
+                        dataset: str | None = None, subset: float | None = None, subset_mode: str | None = None,
+                        overrides: list[str] | None = None) -> TrainConfig:
+    """The config that `moescale train`'s options describe: the preset (default minatar-dqn), then env, moe,
+    experts (the number of experts, or the width multiplier of moe="dense"), seeds, steps and the offline dataset
+    options, then the dotted overrides ("key=value"); a steps below the iteration length trains one iteration of
+    it (fit_iteration_to_steps). ValueError naming the field on bad input."""
+    import json
+
+    config = get_preset(preset or DEFAULT_PRESET)
+    sets = []
+    if env is not None:
+        sets.append(f"env={json.dumps(env)}")
+    if moe is not None:
+        # Reset the other family's size first so every intermediate config is valid.
+        sets.append("network.num_experts=1" if moe == "dense" else "network.width_multiplier=1")
+        if moe == "none":
+            sets.append("network.num_experts=1")
+        sets.append(f"network.moe={moe}")
+    if experts is not None:
+        layer = moe or config.network.moe
+        sets.append(f"network.width_multiplier={experts}" if layer == "dense" else f"network.num_experts={experts}")
+    if seeds is not None:
+        sets.append(f"seeds={seeds}")
+    if steps is not None:
+        sets.append(f"steps={steps}")
+    if dataset is not None:
+        sets.append(f"dataset={json.dumps(str(dataset))}")  # quoted: YAML keeps any path a string
+    if subset is not None:
+        sets.append(f"dataset_subset={subset!r}")
+    if subset_mode is not None:
+        sets.append(f"dataset_mode={subset_mode}")
+    overrides = list(overrides or [])
+    return fit_iteration_to_steps(apply_overrides(config, sets + overrides), overrides)
