@@ -1,5 +1,6 @@
 """moescale command line: `moescale train ...`, `moescale presets`, `moescale study SPEC`, `moescale results DIR`,
-`moescale report DIR`, `moescale analyze RUN...`, `moescale diagnose [RUN]`, `moescale bench implicit-bias`.
+`moescale report DIR`, `moescale analyze RUN...`, `moescale diagnose [RUN]`, `moescale config`, `moescale bench
+implicit-bias`.
 
 Bad input exits with code 2 and a one-line message; nothing in an existing run directory is overwritten
 unless --resume or --force says so.
@@ -28,7 +29,8 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="agent steps per seed, trained in whole iterations (below the "
                    "preset's iteration_steps, one iteration of --steps)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set agent.learning_rate=1e-4 --set network.k=2")
+                   help="override any config field, e.g. --set agent.learning_rate=1e-4 --set network.k=2 "
+                        "(`moescale config --preset P` lists every field with its description)")
     p.add_argument("--out", type=Path, help="run directory")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint, with its stored config (--steps "
@@ -156,6 +158,27 @@ def print_summary(summary: dict) -> None:
     if summary["offline"] is not None:
         keys += ("offline",)
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from moescale.config_docs import annotated_yaml
+
+    print(annotated_yaml(_build_config(args)))
+    return 0
+
+
+def _config_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="print the resolved config a preset and overrides give, as YAML with each "
+                       "field's description (what --set takes)")
+    p.add_argument("--preset", help=f"preset name (default {DEFAULT_PRESET})")
+    p.add_argument("--env", help="environment (default: the preset's)")
+    p.add_argument("--moe", choices=MOE_TYPES, help="penultimate layer")
+    p.add_argument("--experts", type=int, help="number of experts (MoE) or width multiplier (dense)")
+    p.add_argument("--seeds", type=int, help="seeds trained together")
+    p.add_argument("--steps", type=int, help="agent steps per seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set agent.learning_rate=1e-4")
+    p.set_defaults(dataset=None, subset=None, subset_mode=None)
 
 
 def cmd_presets(_: argparse.Namespace) -> int:
@@ -362,11 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--reps", type=int, default=2000, help="bootstrap resamples for the confidence intervals")
     _analysis_parsers(sub)
     _diagnose_parser(sub)
+    _config_parser(sub)
     args = parser.parse_args(argv)
     try:
         return {"train": cmd_train, "presets": cmd_presets, "study": cmd_study, "results": cmd_results,
                 "report": cmd_report, "analyze": cmd_analyze, "bench": cmd_bench,
-                "diagnose": cmd_diagnose}[args.command](args)
+                "diagnose": cmd_diagnose, "config": cmd_config}[args.command](args)
     except ValueError as e:
         print(f"moescale {args.command}: {e}", file=sys.stderr)
         return 2
