@@ -24,10 +24,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from moescale.agents import PRIORITY_FLOOR  # noqa: E402
 from moescale.envs.host import make_host_env  # noqa: E402
 from moescale.presets import apply_overrides, get_preset  # noqa: E402
 from moescale.replay.frames import FrameReplay  # noqa: E402
-from moescale.train.sebulba import PRIORITY_FLOOR, Stats, _Loop, build_host_run, run_iteration  # noqa: E402
+from moescale.train.sebulba import Stats, _Loop, build_host_run, run_iteration  # noqa: E402
 
 
 def env_only_sps(game: str, envs: int, calls: int, repeats: int, sticky: float | None) -> list[float]:

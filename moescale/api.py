@@ -14,7 +14,6 @@ keys to values, or "key=value" strings).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,19 +24,9 @@ import numpy as np
 
 from moescale.config import TrainConfig
 from moescale.presets import config_from_options, get_preset
+from moescale.train.run import train_with_options as train
 
 __all__ = ["LoadedAgent", "diagnose", "get_preset", "load_agent", "make_config", "train"]
-
-
-def _override_strings(overrides: Mapping[str, Any] | Sequence[str] | None) -> list[str]:
-    """{"agent.learning_rate": 1e-4} or ["agent.learning_rate=1e-4"] -> ["agent.learning_rate=0.0001"]."""
-    if overrides is None:
-        return []
-    if isinstance(overrides, Mapping):
-        return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
-    if isinstance(overrides, str):
-        raise ValueError(f"overrides={overrides!r}: give a mapping of dotted keys to values, or a list of key=value")
-    return list(overrides)
 
 
 def make_config(preset: str | None = None, env: str | None = None, moe: str | None = None,
@@ -46,35 +35,7 @@ def make_config(preset: str | None = None, env: str | None = None, moe: str | No
                 subset: float | None = None, subset_mode: str | None = None) -> TrainConfig:
     """The validated config that `moescale train` would run with these options (ValueError naming the field)."""
     return config_from_options(preset, env, moe, experts, seeds, steps, None if dataset is None else str(dataset),
-                               subset, subset_mode, _override_strings(overrides))
-
-
-def train(preset: str | None = None, env: str | None = None, moe: str | None = None, experts: int | None = None,
-          seeds: int | None = None, steps: int | None = None, out: str | Path | None = None,
-          overrides: Mapping[str, Any] | Sequence[str] | None = None, config: TrainConfig | None = None,
-          force: bool = False, resume: bool = False, progress: bool = True, record_dataset: bool = False,
-          dataset: str | Path | None = None, subset: float | None = None,
-          subset_mode: str | None = None) -> dict[str, Any]:
-    """Train (or with resume=True go on with) a run into `out` and return its summary dict, as `moescale train`.
-
-    Either the options (as make_config) or a whole `config`; resume takes the run's stored config and refuses both.
-    """
-    from moescale.train.run import train as run_train
-
-    if out is None:
-        raise ValueError("out: required, the run directory")
-    given = {k: v for k, v in dict(preset=preset, env=env, moe=moe, experts=experts, seeds=seeds, steps=steps,
-                                   overrides=overrides, dataset=dataset, subset=subset,
-                                   subset_mode=subset_mode).items() if v is not None}
-    if resume:
-        if given or config is not None:
-            raise ValueError(f"resume: the run goes on with its stored config; {', '.join(given) or 'config'} "
-                             "cannot change it")
-        return run_train(None, Path(out), resume=True, progress=progress, record_dataset=record_dataset)
-    if config is not None and given:
-        raise ValueError(f"config: given whole, it takes no other options ({', '.join(given)})")
-    config = config if config is not None else make_config(**given)
-    return run_train(config, Path(out), force=force, progress=progress, record_dataset=record_dataset)
+                               subset, subset_mode, overrides)
 
 
 def diagnose(run_dir: str | Path | None = None, states: int = 64, **options: Any) -> dict[str, Any]:

@@ -297,7 +297,7 @@ class TrainConfig:
     dataset_mode: str = "first"  # which fraction: the first, the last, or a uniform sample (drawn with `seed`)
     dataset_seed: int = 0  # which recorded seed's stream to load
     # Analysis during training (off at 0): every analysis_every iterations, the metrics of
-    # moescale.analysis.metrics.network_metrics on analysis_batch transitions drawn from each seed's replay (the
+    # moescale.networks.metrics.network_metrics on analysis_batch transitions drawn from each seed's replay (the
     # dataset offline) go into the metric rows of that iteration, and the online parameters of every seed are
     # kept in snapshots/ for `moescale analyze`.
     analysis_every: int = 0  # iterations

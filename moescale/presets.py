@@ -240,14 +240,29 @@ def _parse_at(obj: Any, path: list[str], text: str, full: str) -> Any:
 DEFAULT_PRESET = "minatar-dqn"
 
 
+def override_strings(overrides: Any) -> list[str]:
+    """{"agent.learning_rate": 1e-4} or ["agent.learning_rate=1e-4"] (or None) -> ["agent.learning_rate=0.0001"]."""
+    import json
+    from collections.abc import Mapping
+
+    if overrides is None:
+        return []
+    if isinstance(overrides, Mapping):
+        return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    if isinstance(overrides, str):
+        checks.fail("overrides", overrides, "give a mapping of dotted keys to values, or a list of key=value")
+    return list(overrides)
+
+
 def config_from_options(preset: str | None = None, env: str | None = None, moe: str | None = None,
                         experts: int | None = None, seeds: int | None = None, steps: int | None = None,
                         dataset: str | None = None, subset: float | None = None, subset_mode: str | None = None,
-                        overrides: list[str] | None = None) -> TrainConfig:
+                        overrides: Any = None) -> TrainConfig:
     """The config that `moescale train`'s options describe: the preset (default minatar-dqn), then env, moe,
     experts (the number of experts, or the width multiplier of moe="dense"), seeds, steps and the offline dataset
-    options, then the dotted overrides ("key=value"); a steps below the iteration length trains one iteration of
-    it (fit_iteration_to_steps). ValueError naming the field on bad input."""
+    options, then the dotted overrides (a mapping of keys to values, or "key=value" strings); a steps below the
+    iteration length trains one iteration of it (fit_iteration_to_steps). ValueError naming the field on bad
+    input."""
     import json
 
     config = get_preset(preset or DEFAULT_PRESET)
@@ -273,5 +288,5 @@ def config_from_options(preset: str | None = None, env: str | None = None, moe: 
         sets.append(f"dataset_subset={subset!r}")
     if subset_mode is not None:
         sets.append(f"dataset_mode={subset_mode}")
-    overrides = list(overrides or [])
+    overrides = override_strings(overrides)
     return fit_iteration_to_steps(apply_overrides(config, sets + overrides), overrides)

@@ -1,7 +1,16 @@
 """Value-based agents as pure functions (init, act, update) that any training loop can drive."""
 
-from moescale.agents.dqn import Agent, DQNState, epsilon_schedule, make_dqn, priority_beta, td_error, td_loss
+from moescale.agents.dqn import (
+    PRIORITY_FLOOR,
+    Agent,
+    DQNState,
+    epsilon_schedule,
+    make_dqn,
+    priority_beta,
+    td_error,
+    td_loss,
+)
 from moescale.agents.losses import c51_loss, categorical_projection, cql_regularizer
 
-__all__ = ["Agent", "DQNState", "c51_loss", "categorical_projection", "cql_regularizer", "epsilon_schedule",
-           "make_dqn", "priority_beta", "td_error", "td_loss"]
+__all__ = ["PRIORITY_FLOOR", "Agent", "DQNState", "c51_loss", "categorical_projection", "cql_regularizer",
+           "epsilon_schedule", "make_dqn", "priority_beta", "td_error", "td_loss"]

@@ -34,6 +34,9 @@ from moescale.layers import total_aux_loss
 from moescale.networks import Network, support
 from moescale.replay.nstep import LearnBatch
 
+# A transition's new priority is its |TD error| (or C51 loss) plus this, so every transition stays sampleable
+# (Schaul et al. 2016, section 3.3); both trainers hand the replay these priorities.
+PRIORITY_FLOOR = 1e-6
 PHI_STREAM = 0x9F1  # folded into a forward pass's key for a redrawn Soft MoE Phi
 
 

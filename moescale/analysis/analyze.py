@@ -31,11 +31,11 @@ from tqdm import tqdm
 
 from moescale.agents import Agent, make_dqn
 from moescale.analysis.expert_subset import soft_moe_subset_apply
-from moescale.analysis.metrics import network_metrics
 from moescale.config import TrainConfig
 from moescale.envs import JaxEnv, make_env
 from moescale.layers import SoftMoE
 from moescale.networks import Network, build_network
+from moescale.networks.metrics import network_metrics
 from moescale.replay.nstep import LearnBatch
 from moescale.train.checkpoint import latest_checkpoint, load_checkpoint
 from moescale.train.rollout import collect_transitions, episode_returns_of

@@ -42,10 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moescale.analysis.metrics import srank, state_sensitivity
 from moescale.config import MOE_LAYERS, NetworkConfig, TrainConfig
 from moescale.layers.probes import ACTIVATIONS, FEATURES, RELU_SUFFIX, TOKENS
 from moescale.networks import Network, build_network
+from moescale.networks.metrics import srank, state_sensitivity
 
 DIAGNOSE_STATES = 64  # states per batch (the measurements: 64 random-policy MinAtar states)
 STATE_ENVS = 16  # environments the states are drawn from, side by side

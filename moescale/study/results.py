@@ -47,8 +47,8 @@ def study_groups(out: Path) -> list[str]:
 
 def collect(out: Path) -> pa.Table:
     """The results table of the study in `out`, from its runs' files as they are now."""
-    from moescale.study.runner import group_status
     from moescale.study.spec import load_spec
+    from moescale.train.rundir import run_status as group_status
 
     spec = load_spec(out / "spec.yaml")
     points = {g.name: g.point for g in spec.groups}
@@ -107,7 +107,7 @@ def format_results(out: Path) -> str:
     path = write_results(out)
     table = pq.read_table(path)
     finals = {r["group"]: r for r in final_table(table)}
-    from moescale.study.runner import group_status
+    from moescale.train.rundir import run_status as group_status
 
     lines = [f"{'group':<60} {'status':<11} {'agent steps':>12} {'eval return (mean; per seed)'}"]
     for name in names:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from moescale import checks
 from moescale.config import TrainConfig
 from moescale.study.spec import RunGroup, StudySpec
+from moescale.train.rundir import run_status as group_status
 
 STATUSES = ("pending", "started", "interrupted", "failed", "done")
 
@@ -37,19 +38,6 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-def group_status(run_dir: Path) -> str:
-    """pending (never started), started (no checkpoint yet), interrupted (resumable), failed, or done."""
-    from moescale.train.checkpoint import latest_checkpoint
-
-    if (run_dir / "summary.json").exists():
-        return "done"
-    if (run_dir / "error.json").exists():
-        return "failed"
-    if (run_dir / "config.yaml").exists() and latest_checkpoint(run_dir / "checkpoints") is not None:
-        return "interrupted"
-    return "started" if run_dir.exists() else "pending"
 
 
 def prepare_study_dir(spec: StudySpec, out: Path, write: bool = True) -> None:

@@ -29,19 +29,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from moescale import checks
-from moescale.agents import Agent, DQNState, epsilon_schedule, make_dqn, priority_beta
-from moescale.analysis.metrics import network_metrics
+from moescale.agents import PRIORITY_FLOOR, Agent, DQNState, epsilon_schedule, make_dqn, priority_beta
 from moescale.config import TrainConfig
 from moescale.data import episode_returns, load_dataset
 from moescale.envs import EnvState, JaxEnv, make_env
 from moescale.networks import Network, build_network
+from moescale.networks.metrics import network_metrics
 from moescale.replay import ReplayState, Transition, replay_add, replay_init
 from moescale.replay.nstep import nstep_batch
 from moescale.replay.prioritized import PrioritizedReplayState, per_add, per_init, per_sample, per_update
 from moescale.replay.uniform import sample_indices
 from moescale.train.rollout import episode_returns_of
-
-PRIORITY_FLOOR = 1e-6
 
 
 @flax.struct.dataclass

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import time
 from pathlib import Path
@@ -38,20 +37,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
 
-from moescale.agents import epsilon_schedule, make_dqn, priority_beta
-from moescale.analysis.metrics import network_metrics
+from moescale.agents import PRIORITY_FLOOR, epsilon_schedule, make_dqn, priority_beta
 from moescale.config import TrainConfig
 from moescale.envs.atari_scores import ATARI_GAMES, human_normalized
 from moescale.envs.host import HostEnv, episode_returns, make_host_env, stack_to_obs
 from moescale.networks import build_network
+from moescale.networks.metrics import network_metrics
 from moescale.replay.frames import FrameReplay
 from moescale.replay.nstep import LearnBatch
 from moescale.train.anakin import seed_devices, seed_mesh
-from moescale.train.checkpoint import latest_checkpoint, load_checkpoint, load_host_arrays, save_checkpoint
+from moescale.train.checkpoint import load_checkpoint, load_host_arrays, save_checkpoint
+from moescale.train.driver import ANALYSIS_KEY, Iteration, analysis_key, drive
 
-PRIORITY_FLOOR = 1e-6  # as the compiled trainer: every transition stays sampleable (Schaul et al. 2016, 3.3)
 EVAL_SEED = 0x3A7  # folded into the run's seed for evaluation environments
 RESUME_SEED = 0x5E5  # folded in (with the iteration) when a resumed run restarts its environments
 
@@ -262,8 +260,7 @@ def _checkpoint(run: HostRun, ckpt_dir: Path, iteration: int, states: Any, keys:
     save_checkpoint(ckpt_dir, iteration, {"agent": states, "keys": keys}, meta, host_arrays=arrays)
 
 
-def _restore(run: HostRun, ckpt_dir: Path, like: Any) -> tuple[Any, jax.Array, dict]:
-    last = latest_checkpoint(ckpt_dir)
+def _restore(run: HostRun, ckpt_dir: Path, last: int, like: Any) -> tuple[Any, jax.Array, dict]:
     restored, meta = load_checkpoint(ckpt_dir, last, like)
     arrays = load_host_arrays(ckpt_dir, last)
     for s, replay in enumerate(run.replays):
@@ -276,114 +273,86 @@ def _restore(run: HostRun, ckpt_dir: Path, like: Any) -> tuple[Any, jax.Array, d
 
 def train_host(config: TrainConfig, out: Path, resume: bool, progress: bool) -> dict[str, Any]:
     """Run (or resume) a host-loop run into the prepared run directory `out`; return its summary."""
-    from moescale.train.run import _read_rows, _write_atomic, _write_tables, device_name, versions
-
     t_start = time.perf_counter()
-    run = build_host_run(config)
+    driver = HostDriver(build_host_run(config))
     try:
-        keys = jax.random.split(jax.random.key(config.seed), config.seeds)
-        states, keys = run.init(keys)  # the keys too: placed as the functions taking them expect
-        iteration, rows, prior_wall, ckpt_dir = 0, [], 0.0, out / "checkpoints"
-        episodes = np.zeros(config.seeds, np.int64)
-        env_seed = config.seed
-        if resume:
-            states, keys, meta = _restore(run, ckpt_dir, {"agent": states, "keys": keys})
-            iteration, prior_wall = meta["iteration"], meta["wall_seconds"]
-            rows = _read_rows(out / "metrics.csv", iteration)
-            episodes[:] = [r["episodes"] for r in sorted(rows[-config.seeds:], key=lambda r: r["seed"])] \
-                if rows else 0
-            env_seed = config.seed + RESUME_SEED + iteration
-        loop = _Loop(run, run.env.reset(env_seed))
-        step = iteration * config.iteration_steps
-        run_seconds, steps_run = 0.0, 0
-        bar = tqdm(total=config.iterations, initial=iteration, disable=not progress, unit="it",
-                   desc=f"{config.env} {config.network.moe}")
-        while iteration < config.iterations:
-            t_iter = time.perf_counter()
-            stats = Stats(config.seeds)
-            states, keys, step = run_iteration(run, loop, states, keys, step, stats)
-            elapsed = time.perf_counter() - t_iter
-            eval_return = _evaluate(run, states.params, iteration)
-            run_seconds += elapsed
-            steps_run += config.iteration_steps
-            iteration += 1
-            sps = config.iteration_steps * config.seeds / elapsed
-            wall = prior_wall + time.perf_counter() - t_start
-            finite = np.isfinite(stats.loss).all() and all(
-                bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(states.params))
-            if not finite:
-                from moescale.train.run import RunError
-
-                raise RunError(f"iteration {iteration}: non-finite loss or parameters; the last good checkpoint in "
-                               f"{ckpt_dir} is kept")
-            episodes += stats.episodes
-            for s in range(config.seeds):
-                learned = stats.updates > 0
-                rows.append({"iteration": iteration, "seed": s, "agent_steps": step, "episodes": int(episodes[s]),
-                             "train_return": stats.return_sum[s] / stats.episodes[s] if stats.episodes[s]
-                             else math.nan,
-                             "eval_return": float(eval_return[s]),
-                             "loss": stats.loss[s] / stats.updates if learned else math.nan,
-                             "mean_q": stats.mean_q[s] / stats.updates if learned else math.nan,
-                             "steps_per_second": sps, "wall_seconds": wall})
-            if config.analysis_every and iteration % config.analysis_every == 0:
-                _analyze(run, states, iteration, out, rows[-config.seeds:])
-            _write_tables(out, rows)
-            if iteration % config.checkpoint_every == 0 or iteration == config.iterations:
-                _checkpoint(run, ckpt_dir, iteration, states, keys, {"iteration": iteration, "wall_seconds": wall})
-            bar.set_postfix(steps=f"{step:,}", sps=f"{sps:,.0f}", eval=f"{np.mean(eval_return):.1f}")
-            bar.update(1)
-        bar.close()
-        sps = steps_run * config.seeds / run_seconds if run_seconds else math.nan
-        summary = host_summary(run, rows, sps, prior_wall + time.perf_counter() - t_start, versions(),
-                               device_name())
-        _write_atomic(out / "summary.json", json.dumps(summary, indent=2))
-        return summary
+        return drive(driver, out, resume, progress, t_start)
     finally:
-        run.close()
+        driver.run.close()
 
 
-def _analyze(run: HostRun, states: Any, iteration: int, out: Path, rows: list[dict[str, Any]]) -> None:
-    """Analysis of this iteration, as in the compiled trainer: network metrics of every seed on analysis_batch
-    transitions drawn uniformly from its replay, into its rows; the online parameters to a snapshot. The draws
-    and the loss key come from generators of their own, so the run is the run without analysis."""
-    from moescale.train.run import ANALYSIS_KEY
-    from moescale.train.snapshots import save_snapshot
+class HostDriver:
+    """The host trainer as a Driver: environments stepped on host threads while the device learns."""
 
-    config = run.config
-    rng = np.random.default_rng([config.seed + ANALYSIS_KEY, iteration])
-    batches = []
-    for replay in run.replays:
-        env, pos, _ = replay.sample_indices(config.analysis_batch, rng=rng, uniform=True)
-        batch = replay.batch(env, pos)
-        batches.append({**batch, "weights": np.ones(config.analysis_batch, np.float32)})
-    stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
-    keys = jax.random.split(jax.random.fold_in(jax.random.key(config.seed + ANALYSIS_KEY), iteration), config.seeds)
-    found = jax.device_get(run.analyze(states, stacked, keys))
-    for s, row in enumerate(rows):
-        row.update({name: float(values[s]) for name, values in found.items()})
-    save_snapshot(out, iteration, states.params)
+    def __init__(self, run: HostRun):
+        config = run.config
+        self.run, self.config = run, config
+        keys = jax.random.split(jax.random.key(config.seed), config.seeds)
+        self.states, self.keys = run.init(keys)  # the keys too: placed as the functions taking them expect
+        self.env_seed = config.seed
+        self.loop: _Loop | None = None
 
+    def restore(self, ckpt_dir: Path, iteration: int) -> dict[str, Any]:
+        like = {"agent": self.states, "keys": self.keys}
+        self.states, self.keys, meta = _restore(self.run, ckpt_dir, iteration, like)
+        self.env_seed = self.config.seed + RESUME_SEED + meta["iteration"]
+        return meta
 
-def host_summary(run: HostRun, rows: list[dict], sps: float, wall: float, versions: dict, device: str) -> dict:
-    """summary.json of a host-loop run: the compiled trainer's fields plus, for Atari, human-normalized scores."""
-    config = run.config
-    last = sorted((r for r in rows if r["iteration"] == config.iterations), key=lambda r: r["seed"])
-    final = [r["eval_return"] for r in last]
-    summary = {
-        "env": config.env, "preset": config.preset, "moe": config.network.moe,
-        "experts": config.network.num_experts, "width_multiplier": config.network.width_multiplier,
-        "seeds": config.seeds, "agent_steps": config.iterations * config.iteration_steps,
-        "final_eval_return": final, "mean_final_eval_return": float(np.mean(final)) if final else math.nan,
-        "wall_seconds": wall, "compile_seconds": None,  # compiled on first use inside the loop
-        "agent_steps_per_second": sps, "seed_layout": "vmap", "devices": run.devices, "trainer": "host",
-        "params": run.network.info.params, "forward_flops": run.network.info.forward_flops,
-        "replay_bytes_per_seed": run.replays[0].nbytes(), "offline": None,
-        "protocol": {**run.env.protocol(), "life_loss_terminal": config.life_loss_terminal},
-        "versions": versions, "device": device,
-    }
-    if config.env in ATARI_GAMES:
-        normalized = [human_normalized(config.env, r) for r in final]
-        summary["final_human_normalized"] = normalized
-        summary["mean_final_human_normalized"] = float(np.mean(normalized)) if normalized else math.nan
-    return summary
+    def compile(self, step: int) -> None:
+        # Nothing is compiled ahead: the jitted functions compile on first use inside the loop. The environments
+        # start here, after any restore, from their seed.
+        self.loop = _Loop(self.run, self.run.env.reset(self.env_seed))
+        return None
+
+    def iterate(self, step: int, iteration: int) -> Iteration:
+        config, run = self.config, self.run
+        t0 = time.perf_counter()
+        stats = Stats(config.seeds)
+        self.states, self.keys, _ = run_iteration(run, self.loop, self.states, self.keys, step, stats)
+        seconds = time.perf_counter() - t0
+        eval_return = _evaluate(run, self.states.params, iteration)
+        finite = bool(np.isfinite(stats.loss).all()) and all(
+            bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(self.states.params))
+        nan = np.full(config.seeds, math.nan)
+        train_return = np.array([stats.return_sum[s] / stats.episodes[s] if stats.episodes[s] else math.nan
+                                 for s in range(config.seeds)])
+        learned = stats.updates > 0
+        return Iteration(seconds, stats.episodes, train_return, eval_return,
+                         stats.loss / stats.updates if learned else nan,
+                         stats.mean_q / stats.updates if learned else nan, np.full(config.seeds, finite))
+
+    def analyze(self, iteration: int) -> tuple[dict[str, np.ndarray], Any]:
+        """As the compiled trainer: network metrics of every seed on analysis_batch transitions drawn uniformly
+        from its replay, and the online parameters. The draws and the loss key come from generators of their
+        own, so the run is the run without analysis."""
+        config, run = self.config, self.run
+        rng = np.random.default_rng([config.seed + ANALYSIS_KEY, iteration])
+        batches = []
+        for replay in run.replays:
+            env, pos, _ = replay.sample_indices(config.analysis_batch, rng=rng, uniform=True)
+            batch = replay.batch(env, pos)
+            batches.append({**batch, "weights": np.ones(config.analysis_batch, np.float32)})
+        stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+        keys = jax.random.split(analysis_key(config, iteration), config.seeds)
+        return jax.device_get(run.analyze(self.states, stacked, keys)), self.states.params
+
+    def after_tables(self, iteration: int) -> None:
+        return None
+
+    def checkpoint(self, ckpt_dir: Path, iteration: int, meta: dict[str, Any]) -> None:
+        _checkpoint(self.run, ckpt_dir, iteration, self.states, self.keys, meta)
+
+    def finish(self) -> None:
+        return None
+
+    def summary(self, final_eval_return: list[float]) -> dict[str, Any]:
+        """The host trainer's summary fields; for an Atari game, human-normalized final scores too."""
+        run, config = self.run, self.config
+        out = {"seed_layout": "vmap", "devices": run.devices, "trainer": "host", "params": run.network.info.params,
+               "forward_flops": run.network.info.forward_flops, "replay_bytes_per_seed": run.replays[0].nbytes(),
+               "offline": None, "protocol": {**run.env.protocol(), "life_loss_terminal": config.life_loss_terminal}}
+        if config.env in ATARI_GAMES:
+            normalized = [human_normalized(config.env, r) for r in final_eval_return]
+            out["final_human_normalized"] = normalized
+            out["mean_final_human_normalized"] = float(np.mean(normalized)) if normalized else math.nan
+        return out
