@@ -46,9 +46,9 @@ from moescale.networks import build_network
 from moescale.networks.metrics import network_metrics
 from moescale.replay.frames import FrameReplay
 from moescale.replay.nstep import LearnBatch
-from moescale.train.anakin import seed_devices, seed_mesh
 from moescale.train.checkpoint import load_checkpoint, load_host_arrays, save_checkpoint
 from moescale.train.driver import ANALYSIS_KEY, Iteration, analysis_key, drive
+from moescale.train.seeds import seed_devices, seed_mesh, split_over_devices
 
 EVAL_SEED = 0x3A7  # folded into the run's seed for evaluation environments
 RESUME_SEED = 0x5E5  # folded in (with the iteration) when a resumed run restarts its environments
@@ -87,10 +87,8 @@ def over_seeds(fn: Any, in_axes: tuple[int | None, ...], devices: list[jax.Devic
         return jax.jit(vmapped, donate_argnums=donate)
     mesh = seed_mesh(devices)
     specs = tuple(P("seed") if axis == 0 else P() for axis in in_axes)
-    # check_vma off, as in the compiled trainer: the per-seed code mixes per-device values with constants (a
-    # gradient's cotangent seeds), which its typing would want cast; nothing crosses devices for it to catch.
-    split = jax.shard_map(vmapped, mesh=mesh, in_specs=specs, out_specs=P("seed"), check_vma=False)
-    return jax.jit(split, in_shardings=tuple(jax.sharding.NamedSharding(mesh, spec) for spec in specs),
+    return jax.jit(split_over_devices(vmapped, devices, in_axes),
+                   in_shardings=tuple(jax.sharding.NamedSharding(mesh, spec) for spec in specs),
                    out_shardings=jax.sharding.NamedSharding(mesh, P("seed")), donate_argnums=donate)
 
 
