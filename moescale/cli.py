@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from moescale.config import DATASET_MODES, MOE_TYPES
+from moescale.config import DATASET_MODES, moe_names
 from moescale.presets import DEFAULT_PRESET
 
 
@@ -23,7 +23,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", help=f"preset name (see `moescale presets`; default {DEFAULT_PRESET})")
     p.add_argument("--env", help="environment, e.g. Breakout-MinAtar, CartPole-v1 (compiled trainer); Pong, a game "
                    "list (atari20, atari100k, atari57) or gym:<id> (host trainer)")
-    p.add_argument("--moe", choices=MOE_TYPES, help="penultimate layer")
+    p.add_argument("--moe", choices=moe_names(), help="penultimate layer")
     p.add_argument("--experts", type=int, help="number of experts (MoE) or width multiplier (dense)")
     p.add_argument("--seeds", type=int, help="seeds trained together in one program")
     p.add_argument("--steps", type=int, help="agent steps per seed, trained in whole iterations (below the "
@@ -172,7 +172,7 @@ def _config_parser(sub: argparse._SubParsersAction) -> None:
                        "field's description (what --set takes)")
     p.add_argument("--preset", help=f"preset name (default {DEFAULT_PRESET})")
     p.add_argument("--env", help="environment (default: the preset's)")
-    p.add_argument("--moe", choices=MOE_TYPES, help="penultimate layer")
+    p.add_argument("--moe", choices=moe_names(), help="penultimate layer")
     p.add_argument("--experts", type=int, help="number of experts (MoE) or width multiplier (dense)")
     p.add_argument("--seeds", type=int, help="seeds trained together")
     p.add_argument("--steps", type=int, help="agent steps per seed")
@@ -332,7 +332,7 @@ def _diagnose_parser(sub: argparse._SubParsersAction) -> None:
                         "a new network (the train flags) at initialisation on states of the random policy")
     p.add_argument("--preset", help=f"preset name (default {DEFAULT_PRESET})")
     p.add_argument("--env", help="environment (default: the preset's)")
-    p.add_argument("--moe", choices=MOE_TYPES, help="penultimate layer")
+    p.add_argument("--moe", choices=moe_names(), help="penultimate layer")
     p.add_argument("--experts", type=int, help="number of experts (MoE) or width multiplier (dense)")
     p.add_argument("--seeds", type=int, help="seeds to initialise, as train would (default 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

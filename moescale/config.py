@@ -11,12 +11,18 @@ import dataclasses
 import difflib
 from typing import Any
 
-from moescale import checks
+from moescale import checks, registry
 
-# "none": no penultimate layer, the encoder's features flattened straight into the head (Dopamine's MinAtar
-# network, labs/environments/minatar/minatar_env.py).
-MOE_TYPES = ("dense", "softmoe", "topk", "expert_choice", "none")
-ENCODER_NAMES = ("nature", "impala", "minatar", "mlp")
+# The built-in penultimate layers, and "none": no penultimate layer, the encoder's features flattened straight
+# into the head (Dopamine's MinAtar network, labs/environments/minatar/minatar_env.py). moe_names() adds the
+# layers registered with moescale.register_layer.
+MOE_TYPES = (*registry.BUILTIN["layer"][0], "none")
+ENCODER_NAMES = registry.BUILTIN["encoder"][0]
+
+
+def moe_names() -> tuple[str, ...]:
+    """What network.moe takes: every registered penultimate layer (the built-ins first), then "none"."""
+    return (*registry.names("layer"), "none")
 CONV_IMPLS = ("lax", "matmul")  # how the encoders compute convolutions (moescale.networks.encoders)
 HEAD_TYPES = ("q", "c51")
 DTYPES = ("float32", "bfloat16")
@@ -91,13 +97,13 @@ class NetworkConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        checks.choice("encoder", self.encoder, ENCODER_NAMES)
+        registry.check_name("encoder", self.encoder)
         if self.encoder_widths is not None:
             if not isinstance(self.encoder_widths, tuple) or not self.encoder_widths or any(
                     isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in self.encoder_widths):
                 checks.fail("encoder_widths", self.encoder_widths, "must be None or a tuple of positive ints")
         checks.choice("conv", self.conv, CONV_IMPLS)
-        checks.choice("moe", self.moe, MOE_TYPES)
+        checks.choice("moe", self.moe, moe_names())
         checks.positive_int("num_experts", self.num_experts)
         checks.positive_int("hidden", self.hidden)
         checks.positive_int("width_multiplier", self.width_multiplier)
@@ -130,14 +136,15 @@ class NetworkConfig:
             checks.fail("encoder_widths", self.encoder_widths, "the nature encoder has fixed widths: use None")
         if self.encoder_widths is not None and self.encoder == "minatar" and len(self.encoder_widths) != 1:
             checks.fail("encoder_widths", self.encoder_widths, "the minatar encoder takes one width, e.g. (16,)")
-        if self.moe in ("dense", "none") and self.num_experts != 1:
+        scaling = "none" if self.moe == "none" else registry.layer_scaling(self.moe)
+        if scaling != "experts" and self.num_experts != 1:
             checks.fail("num_experts", self.num_experts,
                         f"moe={self.moe!r} has no experts: leave num_experts=1"
-                        + (" and scale width_multiplier" if self.moe == "dense" else ""))
-        if self.moe != "dense" and self.width_multiplier != 1:
+                        + (" and scale width_multiplier" if scaling == "width" else ""))
+        if scaling != "width" and self.width_multiplier != 1:
             checks.fail("width_multiplier", self.width_multiplier,
-                        f"applies to moe='dense' only (moe={self.moe!r})"
-                        + ("" if self.moe == "none" else ": scale num_experts instead"))
+                        f"applies to layers that scale their width, as moe='dense' (moe={self.moe!r})"
+                        + (": scale num_experts instead" if scaling == "experts" else ""))
         self._check_around_layer()
         if self.moe == "topk" and self.k > self.num_experts:
             checks.fail("k", self.k, f"must be <= num_experts={self.num_experts}")
@@ -202,6 +209,7 @@ AUGMENTATIONS = ("none", "random_shift")
 class AgentConfig:
     """DQN-family hyperparameters. Steps are agent steps (environment steps of one seed, all its envs)."""
 
+    kind: str = "dqn"  # the registered agent (moescale.register_agent); "dqn": DQN with Rainbow's options
     learning_rate: float = 2.5e-4
     adam_eps: float = 3.125e-4
     batch_size: int = 32
@@ -228,6 +236,7 @@ class AgentConfig:
     shift_pad: int = 4  # random_shift: largest shift in pixels
 
     def __post_init__(self) -> None:
+        registry.check_name("agent", self.kind)
         checks.positive_number("learning_rate", self.learning_rate)
         checks.positive_number("adam_eps", self.adam_eps)
         for name in ("batch_size", "update_period", "target_update_period", "replay_capacity", "eps_decay_steps",

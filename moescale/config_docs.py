@@ -72,6 +72,7 @@ FIELD_DOCS: dict[str, str] = {
     "network.noisy_sigma0": "noisy nets' initial noise scale (Fortunato et al. 2018)",
     "network.dtype": "computation dtype, float32 or bfloat16 (parameters stay float32)",
     # -------------------------------------------------------------------------------------------- the agent
+    "agent.kind": "the agent: dqn (DQN with Rainbow's options), or one registered with moescale.register_agent",
     "agent.learning_rate": "Adam's learning rate",
     "agent.adam_eps": "Adam's epsilon",
     "agent.batch_size": "transitions per gradient update",

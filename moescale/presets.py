@@ -270,14 +270,14 @@ def config_from_options(preset: str | None = None, env: str | None = None, moe: 
     if env is not None:
         sets.append(f"env={json.dumps(env)}")
     if moe is not None:
-        # Reset the other family's size first so every intermediate config is valid.
-        sets.append("network.num_experts=1" if moe == "dense" else "network.width_multiplier=1")
-        if moe == "none":
-            sets.append("network.num_experts=1")
+        # The size the layer does not scale with is reset to 1 (all overrides are validated together).
+        scaling = _scaling(moe)
+        sets += [] if scaling == "experts" else ["network.num_experts=1"]
+        sets += [] if scaling == "width" else ["network.width_multiplier=1"]
         sets.append(f"network.moe={moe}")
     if experts is not None:
-        layer = moe or config.network.moe
-        sets.append(f"network.width_multiplier={experts}" if layer == "dense" else f"network.num_experts={experts}")
+        size = "width_multiplier" if _scaling(moe or config.network.moe) == "width" else "num_experts"
+        sets.append(f"network.{size}={experts}")
     if seeds is not None:
         sets.append(f"seeds={seeds}")
     if steps is not None:
@@ -290,3 +290,13 @@ def config_from_options(preset: str | None = None, env: str | None = None, moe: 
         sets.append(f"dataset_mode={subset_mode}")
     overrides = override_strings(overrides)
     return fit_iteration_to_steps(apply_overrides(config, sets + overrides), overrides)
+
+
+def _scaling(moe: str) -> str:
+    """What a penultimate layer's size is: "experts", "width" or "none" (an unknown name: "experts", and the
+    config check names the field)."""
+    from moescale import registry
+
+    if moe == "none":
+        return "none"
+    return registry.layer_scaling(moe) if moe in registry.names("layer") else "experts"

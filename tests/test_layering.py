@@ -1,6 +1,6 @@
 """moescale's packages import downwards only, and no module imports itself round a cycle.
 
-    layers, config, checks, presets  <-  networks, envs, replay, data  <-  agents  <-  train
+    layers, config, checks, registry, presets  <-  networks, envs, replay, data  <-  agents  <-  train
         <-  study, analysis  <-  cli, api, demo
 
 Every `import` and `from ... import` of a moescale module counts, those inside functions included (an import
@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "moescale"
 LEVELS = {
-    "checks": 0, "config": 0, "config_docs": 0, "presets": 0, "layers": 0,
+    "checks": 0, "registry": 0, "config": 0, "config_docs": 0, "presets": 0, "layers": 0,
     "networks": 1, "envs": 1, "replay": 1, "data": 1,
     "agents": 2,
     "train": 3,

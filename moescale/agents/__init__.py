@@ -5,6 +5,7 @@ from moescale.agents.dqn import (
     Agent,
     DQNState,
     epsilon_schedule,
+    make_agent,
     make_dqn,
     priority_beta,
     td_error,
@@ -13,4 +14,4 @@ from moescale.agents.dqn import (
 from moescale.agents.losses import c51_loss, categorical_projection, cql_regularizer
 
 __all__ = ["PRIORITY_FLOOR", "Agent", "DQNState", "c51_loss", "categorical_projection", "cql_regularizer",
-           "epsilon_schedule", "make_dqn", "priority_beta", "td_error", "td_loss"]
+           "epsilon_schedule", "make_agent", "make_dqn", "priority_beta", "td_error", "td_loss"]

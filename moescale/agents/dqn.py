@@ -17,6 +17,7 @@ cross-entropy (Hessel et al. 2018, section 3).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -32,6 +33,7 @@ from moescale.agents.losses import c51_loss, cql_regularizer
 from moescale.config import AgentConfig
 from moescale.layers import total_aux_loss
 from moescale.networks import Network, support
+from moescale.registry import lookup, register_agent
 from moescale.replay.nstep import LearnBatch
 
 # A transition's new priority is its |TD error| (or C51 loss) plus this, so every transition stays sampleable
@@ -51,7 +53,9 @@ class DQNState:
 
 
 class Agent(NamedTuple):
-    """The functions a training loop calls; all pure and jit/vmap-safe."""
+    """The functions a training loop calls; all pure and jit/vmap-safe. Exploration and replay priorities are
+    the agent's: the loops ask it for epsilon, the prioritized-replay exponent beta and each sampled
+    transition's new priority."""
 
     init: Callable[[jax.Array], DQNState]
     act: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -59,6 +63,10 @@ class Agent(NamedTuple):
     sync_target: Callable[[DQNState], DQNState]
     # (params, target_params, batch, key) -> (loss to minimise, metrics): what `update` differentiates.
     loss: Callable[[Any, Any, LearnBatch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+    epsilon: Callable[[Any], jax.Array]  # agent step -> exploration epsilon while training
+    priority_beta: Callable[[Any], jax.Array]  # agent step -> importance-sampling exponent of prioritized replay
+    # an update's metrics["priority"] (B,) -> the new replay priorities of its batch's transitions
+    replay_priority: Callable[[Any], Any]
 
 
 def td_error(q_tm1: jax.Array, a_tm1: jax.Array, r_t: jax.Array, discount_t: jax.Array, q_t_value: jax.Array,
@@ -97,13 +105,15 @@ def priority_beta(step: jax.Array, config: AgentConfig) -> jax.Array:
     return config.priority_beta_start + frac * (1.0 - config.priority_beta_start)
 
 
+@register_agent("dqn")
 def make_dqn(network: Network, config: AgentConfig) -> Agent:
     """Agent functions for one network and config (DQN, or Rainbow-family / CQL options per the configs)."""
     optimizer = optax.adam(config.learning_rate, eps=config.adam_eps)
     net_cfg = network.config
     # Noisy nets (and Top-k router noise) draw fresh noise in every forward pass that acts or learns;
     # evaluation and greedy acting of a deterministic network use the noise-free weights.
-    stochastic = net_cfg.noisy or (net_cfg.moe == "topk" and net_cfg.router_noise > 0)
+    layer = network.layer
+    stochastic = net_cfg.noisy or (layer is not None and layer.stochastic())
     c51 = net_cfg.head == "c51"
     if config.augmentation != "none" and len(network.obs_shape) != 3:
         checks.fail("augmentation", config.augmentation, f"needs image observations (H, W, C), got {network.obs_shape}")
@@ -111,7 +121,7 @@ def make_dqn(network: Network, config: AgentConfig) -> Agent:
 
     # A Soft MoE with random_phi in "redraw" mode draws its Phi on every forward pass, evaluation included
     # (Dopamine labs/moes): from the "phi" stream, a key folded from the pass's own so other draws stay as they were.
-    redraw_phi = net_cfg.moe == "softmoe" and net_cfg.random_phi and net_cfg.random_phi_mode == "redraw"
+    redraw_phi = layer is not None and layer.redraws_every_call()
 
     def forward(params: Any, obs: jax.Array, key: jax.Array, noise: bool = True, **kwargs: Any) -> Any:
         rngs = {"phi": jax.random.fold_in(key, PHI_STREAM)} if redraw_phi else {}
@@ -182,4 +192,10 @@ def make_dqn(network: Network, config: AgentConfig) -> Agent:
     def sync_target(state: DQNState) -> DQNState:
         return state.replace(target_params=state.params)
 
-    return Agent(init, act, update, sync_target, loss_fn)
+    return Agent(init, act, update, sync_target, loss_fn, functools.partial(epsilon_schedule, config=config),
+                 functools.partial(priority_beta, config=config), lambda priority: priority + PRIORITY_FLOOR)
+
+
+def make_agent(network: Network, config: AgentConfig) -> Agent:
+    """The agent config.kind names (a registered one: moescale.register_agent), for this network."""
+    return lookup("agent", config.kind)(network, config)

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from moescale.agents import Agent, make_dqn
+from moescale.agents import Agent, make_agent
 from moescale.analysis.expert_subset import soft_moe_subset_apply
 from moescale.config import TrainConfig
 from moescale.envs import JaxEnv, make_env
@@ -82,7 +82,7 @@ def load_run(run_dir: Path) -> RunParts:
 
     env = None if is_host_env(config.env) else make_env(config.env, config.sticky_prob, config.max_episode_steps)
     network = build_network(config.network, *env_spaces(config.env, config.sticky_prob, config.max_episode_steps))
-    return RunParts(run_dir, config, env, network, make_dqn(network, config.agent))
+    return RunParts(run_dir, config, env, network, make_agent(network, config.agent))
 
 
 def _host_env(parts: RunParts, num_envs: int) -> Any:

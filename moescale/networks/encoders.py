@@ -15,6 +15,7 @@ dtype.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ from moescale import checks
 from moescale.config import CONV_IMPLS
 from moescale.layers.dense import xavier_dense
 from moescale.layers.probes import sow_activation
+from moescale.registry import lookup, register_encoder
 
 Dtype = Any
 
@@ -218,10 +220,34 @@ ENCODERS: dict[str, type[nn.Module]] = {
     "minatar": MinAtarCNN,
     "mlp": MLPEncoder,
 }
+# The field network.encoder_widths sets, per built-in encoder (the Nature CNN's widths are fixed; MinAtar's conv
+# takes one width).
+WIDTHS_FIELDS = {"impala": "channels", "minatar": "features", "mlp": "hidden"}
+
+
+def _built_in_from_config(cls: type[nn.Module], config: Any, name: str | None = None) -> nn.Module:
+    """A built-in encoder from the network config: its dtype, convolution and widths."""
+    key = next(k for k, v in ENCODERS.items() if v is cls)
+    kwargs: dict[str, Any] = {"dtype": jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32, "name": name}
+    if "conv" in {f.name for f in dataclasses.fields(cls)}:
+        kwargs["conv"] = config.conv
+    if config.encoder_widths is not None:
+        widths = config.encoder_widths
+        kwargs[WIDTHS_FIELDS[key]] = widths[0] if key == "minatar" else widths
+    return cls(**kwargs)
+
+
+for _name, _cls in ENCODERS.items():
+    # Registered encoders are flax modules built by `from_config(config, name=None)`.
+    _cls.from_config = classmethod(_built_in_from_config)
+    register_encoder(_name)(_cls)
+
+
+def encoder_from_config(config: Any, name: str | None = None) -> nn.Module:
+    """The encoder network.encoder names (a registered one: moescale.register_encoder), built from the config."""
+    return lookup("encoder", config.encoder).from_config(config, name=name)
 
 
 def make_encoder(encoder: str, **kwargs: Any) -> nn.Module:
     """Build the encoder registered under `encoder` with `kwargs` as its fields (flax `name` included)."""
-    if encoder not in ENCODERS:
-        raise ValueError(f"encoder={encoder!r}: unknown encoder; valid names are {sorted(ENCODERS)}")
-    return ENCODERS[encoder](**kwargs)
+    return lookup("encoder", encoder)(**kwargs)

@@ -16,21 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from moescale.config import NetworkConfig
-from moescale.layers import (
-    DenseMLP,
-    ExpertChoiceMoE,
-    SoftMoE,
-    Tokenizer,
-    TopKMoE,
-    aggregate,
-    expert_choice_capacity,
-    soft_moe_slots,
-    token_shape,
-    topk_capacity,
-)
+from moescale.layers import Tokenizer, aggregate, token_shape
 from moescale.layers.probes import sow_features, sow_tokens
-from moescale.networks.encoders import make_encoder
+from moescale.networks.encoders import encoder_from_config
 from moescale.networks.heads import HeadOutput, QHead
+from moescale.networks.penultimate import PenultimateLayer, penultimate_layer
 
 PARTS = ("encoder", "tokenizer", "penultimate", "head")
 # Parameters around the penultimate layer (penultimate_tokens), counted as part of it.
@@ -41,37 +31,12 @@ def _dtype(config: NetworkConfig) -> Any:
     return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
 
 
-def encoder_kwargs(config: NetworkConfig) -> dict[str, Any]:
-    """Keyword arguments of the configured encoder (its widths, when overridden)."""
-    kwargs: dict[str, Any] = {"dtype": _dtype(config)}
-    if config.encoder != "mlp":
-        kwargs["conv"] = config.conv
-    widths = config.encoder_widths
-    if widths is not None:
-        kwargs[{"impala": "channels", "mlp": "hidden", "minatar": "features"}[config.encoder]] = (
-            widths[0] if config.encoder == "minatar" else widths)
-    return kwargs
-
-
 def make_penultimate(config: NetworkConfig) -> nn.Module:
-    """The configured dense or MoE layer, named "penultimate" (moe="none" has none: ValueError)."""
-    common = {"dtype": _dtype(config), "name": "penultimate"}
-    if config.moe == "dense":
-        return DenseMLP(config.hidden, config.width_multiplier, project=config.token_kind != "per_sample",
-                        **common)
-    if config.moe == "softmoe":
-        return SoftMoE(config.num_experts, config.slots_per_expert, config.capacity_factor, config.hidden,
-                       config.normalize, config.random_phi, phi_init=config.phi_init, phi_scale=config.phi_scale,
-                       random_phi_mode=config.random_phi_mode, **common)
-    if config.moe == "topk":
-        return TopKMoE(config.num_experts, config.k, config.capacity_factor, config.hidden,
-                       config.router_noise, config.aux_loss, router_init=config.router_init,
-                       router_noise_scale=config.router_noise_scale, capacity_times_k=config.capacity_times_k,
-                       **common)
-    if config.moe == "expert_choice":
-        return ExpertChoiceMoE(config.num_experts, config.capacity_factor, config.hidden,
-                               router_init=config.router_init, **common)
-    raise ValueError(f"moe={config.moe!r}: has no penultimate layer")
+    """The configured penultimate layer's flax module, named "penultimate" (moe="none" has none: ValueError)."""
+    layer = penultimate_layer(config)
+    if layer is None:
+        raise ValueError(f"moe={config.moe!r}: has no penultimate layer")
+    return layer.module(_dtype(config), "penultimate")
 
 
 def penultimate_tokens(config: NetworkConfig, tokens: jax.Array, deterministic: bool) -> jax.Array:
@@ -81,8 +46,9 @@ def penultimate_tokens(config: NetworkConfig, tokens: jax.Array, deterministic: 
     before the layer, residual adds the tokens back to the layer's output."""
     h = (nn.LayerNorm(dtype=_dtype(config), param_dtype=jnp.float32, name="pre_norm")(tokens) if config.pre_norm
          else tokens)
-    layer = make_penultimate(config)
-    y = layer(h, deterministic) if config.moe == "topk" else layer(h)
+    layer = penultimate_layer(config)
+    module = layer.module(_dtype(config), "penultimate")
+    y = module(h, deterministic) if layer.takes_deterministic else module(h)
     return tokens + y if config.residual else y
 
 
@@ -102,7 +68,7 @@ class QNetwork(nn.Module):
     @nn.compact
     def __call__(self, obs: jax.Array, deterministic: bool = True) -> HeadOutput:
         cfg = self.config
-        fmap = make_encoder(cfg.encoder, name="encoder", **encoder_kwargs(cfg))(obs)  # (B..., h, w, c)
+        fmap = encoder_from_config(cfg, name="encoder")(obs)  # (B..., h, w, c)
         if cfg.moe == "none":  # Dopamine's MinAtar network: the feature map flattened into the head
             features = fmap.reshape(*fmap.shape[:-3], -1)  # (B..., h*w*c)
         else:
@@ -151,6 +117,11 @@ class Network:
     obs_dtype: Any
     info: NetworkInfo
 
+    @property
+    def layer(self) -> PenultimateLayer | None:
+        """The penultimate layer as built from the config (None for moe="none")."""
+        return penultimate_layer(self.config)
+
     def init(self, key: jax.Array) -> dict:
         """Parameters {"params": ...} for one network (sown collections are dropped)."""
         return {"params": _jitted_init(self.module, self.obs_shape, self.obs_dtype)(key)["params"]}
@@ -173,35 +144,22 @@ def _count(tree: Any) -> int:
     return int(sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree)))
 
 
-def param_counts(config: NetworkConfig, params: dict, num_tokens: int, capacity: int | None) -> dict[str, int]:
+def param_counts(config: NetworkConfig, params: dict, num_tokens: int, capacity: int | None = None
+                 ) -> dict[str, int]:
     """Parameters per part, total, and those applied to one token's representation at the penultimate
-    layer (active_per_token: all of it for dense and Soft MoE, whose slots mix every token; router + k
-    experts for top-k; router + the expected E*C/T experts for expert choice; plus the parameters around the
-    layer, which count as penultimate: the pre_norm LayerNorm)."""
+    layer (active_per_token, as the layer counts them: all of it for dense and Soft MoE, whose slots mix every
+    token; router + k experts for top-k; router + the expected E*C/T experts for expert choice; plus the
+    parameters around the layer, which count as penultimate: the pre_norm LayerNorm). capacity: unused, the
+    layer knows its own."""
     tree = params["params"]
     counts = {part: _count(tree.get(part, {})) for part in PARTS}
     around = sum(_count(tree.get(part, {})) for part in AROUND_PENULTIMATE)
     counts["penultimate"] += around
     counts["total"] = _count(tree)
-    pen = tree.get("penultimate", {})
-    if config.moe in ("topk", "expert_choice"):
-        per_expert = _count(pen["experts"]) / config.num_experts
-        experts_per_token = (config.k if config.moe == "topk"
-                             else config.num_experts * capacity / num_tokens)
-        counts["active_per_token"] = round(around + _count(pen["router"]) + experts_per_token * per_expert)
-    else:
-        counts["active_per_token"] = counts["penultimate"]
+    layer = penultimate_layer(config)
+    counts["active_per_token"] = 0 if layer is None else around + layer.active_per_token(
+        tree.get("penultimate", {}), num_tokens)
     return counts
-
-
-def _capacity(config: NetworkConfig, num_tokens: int) -> int | None:
-    if config.moe == "softmoe":
-        return config.slots_per_expert or soft_moe_slots(num_tokens, config.num_experts, config.capacity_factor)
-    if config.moe == "topk":
-        return topk_capacity(num_tokens, config.num_experts, config.k, config.capacity_factor)
-    if config.moe == "expert_choice":
-        return expert_choice_capacity(num_tokens, config.num_experts, config.capacity_factor)
-    return None
 
 
 def build_network(config: NetworkConfig, obs_shape: tuple[int, ...], num_actions: int,
@@ -212,13 +170,14 @@ def build_network(config: NetworkConfig, obs_shape: tuple[int, ...], num_actions
     obs_shape = tuple(int(s) for s in obs_shape)
     module = QNetwork(config, num_actions)
     dummy = jax.ShapeDtypeStruct((1, *obs_shape), obs_dtype)
-    encoder = make_encoder(config.encoder, **encoder_kwargs(config))
+    encoder = encoder_from_config(config)
     fmap = jax.eval_shape(lambda x: encoder.init_with_output(jax.random.key(0), x)[0], dummy)
     if len(fmap.shape) != 4:
         raise ValueError(f"obs_shape={obs_shape}: encoder {config.encoder!r} gave features {fmap.shape[1:]}")
     feature_shape = tuple(fmap.shape[1:])
     tokens = token_shape(config.token_kind, feature_shape, config.patch_size, config.patch_dim)
-    capacity = _capacity(config, tokens[0])
+    layer = penultimate_layer(config)
+    capacity = None if layer is None else layer.capacity(tokens[0])
     variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), dummy)
     params = {"params": variables["params"]}
     flops = _forward_flops(module, params, dummy)

@@ -86,13 +86,13 @@ def _agent_and_batches(config: TrainConfig, count: int) -> tuple[Any, Any]:
     does not depend on the data)."""
     import jax.numpy as jnp
 
-    from moescale.agents.dqn import make_dqn
+    from moescale.agents import make_agent
     from moescale.envs.host import env_spaces
     from moescale.networks import build_network
     from moescale.replay.nstep import LearnBatch
 
     obs_shape, num_actions, obs_dtype = env_spaces(config.env, config.sticky_prob, config.max_episode_steps)
-    agent = make_dqn(build_network(config.network, obs_shape, num_actions, obs_dtype), config.agent)
+    agent = make_agent(build_network(config.network, obs_shape, num_actions, obs_dtype), config.agent)
     lead = (count, config.agent.batch_size)
     obs = jnp.zeros((*lead, *obs_shape), obs_dtype)
     batches = LearnBatch(obs=obs, action=jnp.zeros(lead, jnp.int32), reward=jnp.zeros(lead),

@@ -35,8 +35,8 @@ from typing import Any
 
 import yaml
 
-from moescale import checks
-from moescale.config import MOE_TYPES, TrainConfig
+from moescale import checks, registry
+from moescale.config import TrainConfig, moe_names
 from moescale.envs.jax_envs import ENV_NAMES, check_env_name
 from moescale.layers.tokenize import TOKENIZERS
 from moescale.presets import apply_overrides, fit_iteration_to_steps, get_preset
@@ -95,14 +95,15 @@ def _layer_points(index: int, layer: Any, default_tokenizers: list[Any], envs: l
         if key not in LAYER_KEYS:
             _unknown(f"{field}.{key}", key, LAYER_KEYS)
     moe = layer.get("moe")
-    checks.choice(f"{field}.moe", moe, MOE_TYPES)
+    checks.choice(f"{field}.moe", moe, moe_names())
+    scaling = "none" if moe == "none" else registry.layer_scaling(moe)
     if moe == "none":
         for key in ("widths", "experts"):
             if key in layer:
                 checks.fail(f"{field}.{key}", layer[key], "moe none has no penultimate layer to size")
-    size_key, wrong_key = ("widths", "experts") if moe == "dense" else ("experts", "widths")
+    size_key, wrong_key = ("widths", "experts") if scaling == "width" else ("experts", "widths")
     if wrong_key in layer:
-        what = "its width (widths)" if moe == "dense" else "its number of experts (experts)"
+        what = "its width (widths)" if scaling == "width" else "its number of experts (experts)"
         checks.fail(f"{field}.{wrong_key}", layer[wrong_key], f"{moe} scales {what}, not {wrong_key}")
     sizes = _non_empty_list(f"{field}.{size_key}", layer.get(size_key, [1]))
     checks.positive_ints(f"{field}.{size_key}", sizes)
@@ -182,10 +183,12 @@ def parse_spec(raw: Any) -> StudySpec:
             continue
         sets = [f"env={json.dumps(env)}", f"seeds={seeds}"] + ([f"steps={steps}"] if steps is not None else [])
         sets += _overrides(common) + _overrides(layer["layer_set"])
-        if layer["moe"] == "dense":
-            sets += ["network.moe=dense", "network.num_experts=1", f"network.width_multiplier={layer['size']}"]
-        elif layer["moe"] == "none":
-            sets += ["network.num_experts=1", "network.width_multiplier=1", "network.moe=none"]
+        scaling = "none" if layer["moe"] == "none" else registry.layer_scaling(layer["moe"])
+        if scaling == "width":
+            sets += [f"network.moe={layer['moe']}", "network.num_experts=1",
+                     f"network.width_multiplier={layer['size']}"]
+        elif scaling == "none":
+            sets += ["network.num_experts=1", "network.width_multiplier=1", f"network.moe={layer['moe']}"]
         else:
             sets += [f"network.moe={layer['moe']}", "network.width_multiplier=1",
                      f"network.num_experts={layer['size']}"]

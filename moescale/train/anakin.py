@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moescale import checks
-from moescale.agents import PRIORITY_FLOOR, Agent, DQNState, epsilon_schedule, make_dqn, priority_beta
+from moescale.agents import Agent, DQNState, make_agent
 from moescale.config import TrainConfig
 from moescale.data import episode_returns, load_dataset
 from moescale.envs import EnvState, JaxEnv, make_env
@@ -156,7 +156,7 @@ def make_trainer(config: TrainConfig, offline: OfflineData | None = None) -> Tra
         offline = load_offline(config)
     env = make_env(config.env, config.sticky_prob, config.max_episode_steps)
     network = build_network(config.network, env.obs_shape, env.num_actions, env.obs_dtype)
-    agent = make_dqn(network, config.agent)
+    agent = make_agent(network, config.agent)
     acfg = config.agent
     num_envs = config.num_envs
     act_steps = max(1, acfg.update_period // num_envs)  # K
@@ -197,14 +197,14 @@ def make_trainer(config: TrainConfig, offline: OfflineData | None = None) -> Tra
         for _ in range(updates_per_round):  # static and small (E / update_period)
             key, key_sample, key_update = jax.random.split(key, 3)
             if prioritized:
-                idx, _, weights = per_sample(replay, key_sample, acfg.batch_size, priority_beta(step, acfg))
+                idx, _, weights = per_sample(replay, key_sample, acfg.batch_size, agent.priority_beta(step))
                 batch = nstep_batch(replay.replay, idx, acfg.n_step, acfg.gamma, num_envs).replace(weights=weights)
             else:
                 idx = sample_indices(replay, key_sample, acfg.batch_size)
                 batch = nstep_batch(replay, idx, acfg.n_step, acfg.gamma, num_envs)
             agent_state, m = agent.update(agent_state, batch, key_update)
             if prioritized:  # a small floor keeps every transition sampleable (Schaul et al. 2016, section 3.3)
-                replay = per_update(replay, idx, m["priority"] + PRIORITY_FLOOR, alpha)
+                replay = per_update(replay, idx, agent.replay_priority(m["priority"]), alpha)
             stats = stats.counted(m)
         return seed.replace(agent=agent_state, replay=replay, key=key), stats
 
@@ -230,7 +230,7 @@ def make_trainer(config: TrainConfig, offline: OfflineData | None = None) -> Tra
         seed, stats, step = carry
 
         def act_k(k: jax.Array, carry: tuple[SeedState, RoundStats]) -> tuple[SeedState, RoundStats]:
-            return act_step(*carry, epsilon_schedule(step + k * num_envs, acfg))
+            return act_step(*carry, agent.epsilon(step + k * num_envs))
 
         # A loop, not a Python unroll of the K acting steps: one copy of the acting code keeps compiles short.
         seed, stats = jax.lax.fori_loop(0, act_steps, act_k, (seed, stats))

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from moescale.agents import PRIORITY_FLOOR, epsilon_schedule, make_dqn, priority_beta
+from moescale.agents import make_agent
 from moescale.config import TrainConfig
 from moescale.envs.atari_scores import ATARI_GAMES, human_normalized
 from moescale.envs.host import HostEnv, episode_returns, make_host_env, stack_to_obs
@@ -101,7 +101,7 @@ def build_host_run(config: TrainConfig) -> HostRun:
                              config.seed + EVAL_SEED)
     frame_ndim = len(env.frame_shape)
     network = build_network(config.network, env.obs_shape, env.num_actions, env.frame_dtype)
-    agent = make_dqn(network, acfg)
+    agent = make_agent(network, acfg)
     life_loss = config.life_loss_terminal
     replays = [FrameReplay(acfg.replay_capacity, num_envs, env.frame_shape, env.frame_dtype, env.stack, acfg.n_step,
                            acfg.gamma, env.reward_clip, life_loss, acfg.prioritized, acfg.priority_alpha,
@@ -113,7 +113,7 @@ def build_host_run(config: TrainConfig) -> HostRun:
         if greedy:
             action = agent.act(params, obs, key_act, jnp.float32(acfg.eps_eval), noise=False)
         else:
-            action = agent.act(params, obs, key_act, epsilon_schedule(step, acfg))
+            action = agent.act(params, obs, key_act, agent.epsilon(step))
         return action, key
 
     acts = {greedy: over_seeds(functools.partial(act_one, greedy=greedy), (0, 0, 0, None), devices)
@@ -191,7 +191,7 @@ class _Loop:
         if new_step < acfg.min_replay or not all(r.ready() for r in replays):
             return states, keys
         due = new_step // acfg.update_period - max(step, acfg.min_replay - 1) // acfg.update_period
-        beta = float(priority_beta(new_step, acfg)) if acfg.prioritized else 0.0
+        beta = float(self.run.agent.priority_beta(new_step)) if acfg.prioritized else 0.0
         for _ in range(max(due, 0)):
             batches, slots = zip(*(r.sample(acfg.batch_size, beta) for r in replays), strict=True)
             batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
@@ -226,7 +226,7 @@ class _Loop:
             stats.updates += 1
             if self.config.agent.prioritized:
                 for s, replay in enumerate(self.run.replays):
-                    replay.update_priorities(slots[s], metrics["priority"][s] + PRIORITY_FLOOR)
+                    replay.update_priorities(slots[s], self.run.agent.replay_priority(metrics["priority"][s]))
         self.pending.clear()
 
 
