@@ -32,10 +32,10 @@ __all__ = ["LoadedAgent", "diagnose", "get_preset", "load_agent", "make_config",
 def make_config(preset: str | None = None, env: str | None = None, moe: str | None = None,
                 experts: int | None = None, seeds: int | None = None, steps: int | None = None,
                 overrides: Mapping[str, Any] | Sequence[str] | None = None, dataset: str | Path | None = None,
-                subset: float | None = None, subset_mode: str | None = None) -> TrainConfig:
+                subset: float | None = None, subset_mode: str | None = None, log: Any = None) -> TrainConfig:
     """The validated config that `moescale train` would run with these options (ValueError naming the field)."""
     return config_from_options(preset, env, moe, experts, seeds, steps, None if dataset is None else str(dataset),
-                               subset, subset_mode, overrides)
+                               subset, subset_mode, overrides, log)
 
 
 def diagnose(run_dir: str | Path | None = None, states: int = 64, **options: Any) -> dict[str, Any]:

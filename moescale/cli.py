@@ -32,6 +32,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
                    help="override any config field, e.g. --set agent.learning_rate=1e-4 --set network.k=2 "
                         "(`moescale config --preset P` lists every field with its description)")
     p.add_argument("--out", type=Path, help="run directory")
+    p.add_argument("--log", action="append", metavar="NAME",
+                   help="log every iteration's metrics live: tensorboard (RUN_DIR/tensorboard) or wandb (offline "
+                        "unless WANDB_MODE says otherwise); repeat or comma-separate for both (the log extra)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint, with its stored config (--steps "
                         "may raise its budget)")
@@ -66,7 +69,8 @@ def _build_config(args: argparse.Namespace):
 
     return config_from_options(args.preset, args.env or None, args.moe, args.experts, args.seeds, args.steps,
                                args.dataset, None if args.subset is None else parse_fraction(args.subset),
-                               args.subset_mode, args.set)
+                               args.subset_mode, args.set,
+                               None if getattr(args, "log", None) is None else ",".join(args.log))
 
 
 def whole_iterations_note(config) -> str | None:
@@ -79,7 +83,7 @@ def whole_iterations_note(config) -> str | None:
 
 
 RESUME_CONFLICTS = ("preset", "env", "moe", "experts", "seeds", "set", "out", "force", "dataset", "subset",
-                    "subset_mode")
+                    "subset_mode", "log")
 
 
 def _resume(args: argparse.Namespace) -> dict:

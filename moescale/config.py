@@ -263,6 +263,7 @@ class AgentConfig:
 
 
 SEED_LAYOUTS = ("auto", "vmap", "unroll")
+LIVE_LOGS = ("tensorboard", "wandb")  # moescale.train.live
 DATASET_MODES = ("first", "last", "uniform")  # moescale.data.load_dataset's subset modes
 
 
@@ -311,6 +312,8 @@ class TrainConfig:
     # kept in snapshots/ for `moescale analyze`.
     analysis_every: int = 0  # iterations
     analysis_batch: int = 256  # transitions
+    # Live logging of the metric rows every iteration: "tensorboard", "wandb" (moescale.train.live).
+    log: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("steps", "seeds", "num_envs", "iteration_steps", "eval_episodes", "eval_max_steps",
@@ -319,6 +322,9 @@ class TrainConfig:
         checks.int_at_least("seed", self.seed, 0)
         checks.int_at_least("analysis_every", self.analysis_every, 0)
         checks.positive_int("analysis_batch", self.analysis_batch)
+        if (not isinstance(self.log, tuple) or len(set(self.log)) != len(self.log)
+                or any(name not in LIVE_LOGS for name in self.log)):
+            checks.fail("log", self.log, f"a list of distinct names from {', '.join(LIVE_LOGS)}")
         if self.sticky_prob is not None and not (isinstance(self.sticky_prob, int | float)
                                                  and 0.0 <= self.sticky_prob < 1.0):
             checks.fail("sticky_prob", self.sticky_prob, "must be None or in [0, 1)")

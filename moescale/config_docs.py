@@ -36,6 +36,7 @@ FIELD_DOCS: dict[str, str] = {
     "dataset_seed": "offline: which recorded seed's stream is loaded",
     "analysis_every": "iterations between in-training analyses and parameter snapshots; 0: off",
     "analysis_batch": "replay transitions each in-training analysis measures",
+    "log": "live logging of the metric rows every iteration: tensorboard, wandb (the log extra)",
     # ------------------------------------------------------------------------------------------ the network
     "network.encoder": "observation encoder: nature, impala, minatar (Conv 16 3x3) or mlp",
     "network.encoder_widths": "the encoder's widths; null: its published ones",

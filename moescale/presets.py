@@ -257,10 +257,11 @@ def override_strings(overrides: Any) -> list[str]:
 def config_from_options(preset: str | None = None, env: str | None = None, moe: str | None = None,
                         experts: int | None = None, seeds: int | None = None, steps: int | None = None,
                         dataset: str | None = None, subset: float | None = None, subset_mode: str | None = None,
-                        overrides: Any = None) -> TrainConfig:
+                        overrides: Any = None, log: Any = None) -> TrainConfig:
     """The config that `moescale train`'s options describe: the preset (default minatar-dqn), then env, moe,
     experts (the number of experts, or the width multiplier of moe="dense"), seeds, steps and the offline dataset
-    options, then the dotted overrides (a mapping of keys to values, or "key=value" strings); a steps below the
+    options, the live logs (a list of names, or one comma-separated string: "tensorboard,wandb"), then the
+    dotted overrides (a mapping of keys to values, or "key=value" strings); a steps below the
     iteration length trains one iteration of it (fit_iteration_to_steps). ValueError naming the field on bad
     input."""
     import json
@@ -288,6 +289,9 @@ def config_from_options(preset: str | None = None, env: str | None = None, moe: 
         sets.append(f"dataset_subset={subset!r}")
     if subset_mode is not None:
         sets.append(f"dataset_mode={subset_mode}")
+    if log is not None:
+        names = log.split(",") if isinstance(log, str) else list(log)
+        sets.append(f"log={json.dumps([str(name).strip() for name in names if str(name).strip()])}")
     overrides = override_strings(overrides)
     return fit_iteration_to_steps(apply_overrides(config, sets + overrides), overrides)
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from moescale.config import TrainConfig
 from moescale.train.checkpoint import latest_checkpoint
+from moescale.train.live import open_logs
 from moescale.train.rundir import RunError, device_name, read_rows, versions, write_summary, write_tables
 from moescale.train.snapshots import save_snapshot
 
@@ -95,7 +96,24 @@ def drive(driver: Driver, out: Path, resume: bool, progress: bool, t_start: floa
         state.rows = read_rows(out / "metrics.csv", state.iteration)
         state.episodes = {r["seed"]: r["episodes"] for r in state.rows if r["iteration"] == state.iteration}
     step = state.iteration * config.iteration_steps
-    compile_seconds = driver.compile(step)
+    logs = open_logs(config, out) if state.iteration < config.iterations else []
+    try:
+        compile_seconds = driver.compile(step)
+        _loop(driver, out, state, step, progress, logs, t_start)
+    finally:
+        for log in logs:
+            log.close()
+    driver.finish()
+    sps = state.steps_run * config.seeds / state.run_seconds if state.run_seconds else math.nan
+    summary = _summary(driver, state.rows, compile_seconds, sps, state.prior_wall + time.perf_counter() - t_start)
+    write_summary(out, summary)
+    return summary
+
+
+def _loop(driver: Driver, out: Path, state: _Progress, step: int, progress: bool, logs: list,
+          t_start: float) -> None:
+    """The iterations left: each trained, checked, measured, written, logged and checkpointed in turn."""
+    config, ckpt_dir = driver.config, out / "checkpoints"
     bar = tqdm(total=config.iterations, initial=state.iteration, disable=not progress, unit="it",
                desc=f"{config.env} {config.network.moe}")
     while state.iteration < config.iterations:
@@ -118,17 +136,14 @@ def drive(driver: Driver, out: Path, resume: bool, progress: bool, t_start: floa
                 row.update({name: float(values[s]) for name, values in found.items()})
             save_snapshot(out, state.iteration, params)
         write_tables(out, state.rows)
+        for log in logs:
+            log.write(new_rows)
         driver.after_tables(state.iteration)
         if state.iteration % config.checkpoint_every == 0 or state.iteration == config.iterations:
             driver.checkpoint(ckpt_dir, state.iteration, {"iteration": state.iteration, "wall_seconds": wall})
         bar.set_postfix(steps=f"{step:,}", sps=f"{sps:,.0f}", eval=f"{np.mean(done.eval_return):.1f}")
         bar.update(1)
     bar.close()
-    driver.finish()
-    sps = state.steps_run * config.seeds / state.run_seconds if state.run_seconds else math.nan
-    summary = _summary(driver, state.rows, compile_seconds, sps, state.prior_wall + time.perf_counter() - t_start)
-    write_summary(out, summary)
-    return summary
 
 
 def _rows(config: TrainConfig, state: _Progress, done: Iteration, step: int, sps: float,

@@ -27,6 +27,7 @@ from moescale.replay import PrioritizedReplayState, Transition
 from moescale.train.anakin import Trainer, load_offline, make_trainer, seed_keys
 from moescale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from moescale.train.driver import Iteration, analysis_key, drive
+from moescale.train.live import check_logs
 from moescale.train.rundir import (  # noqa: F401 (the names runs were read and written by before rundir)
     INT_FIELDS,
     ROW_FIELDS,
@@ -60,7 +61,7 @@ def train_with_options(preset: str | None = None, env: str | None = None, moe: s
                        out: str | Path | None = None, overrides: Any = None, config: TrainConfig | None = None,
                        force: bool = False, resume: bool = False, progress: bool = True,
                        record_dataset: bool = False, dataset: str | Path | None = None, subset: float | None = None,
-                       subset_mode: str | None = None) -> dict[str, Any]:
+                       subset_mode: str | None = None, log: Any = None) -> dict[str, Any]:
     """Train (or with resume=True go on with) a run into `out` and return its summary dict, as `moescale train`
     (this is moescale.train). Either `moescale train`'s options (moescale.presets.config_from_options; overrides
     a mapping of dotted keys to values or "key=value" strings) or a whole `config`; resume takes the run's stored
@@ -69,7 +70,7 @@ def train_with_options(preset: str | None = None, env: str | None = None, moe: s
         raise ValueError("out: required, the run directory")
     given = {k: v for k, v in dict(preset=preset, env=env, moe=moe, experts=experts, seeds=seeds, steps=steps,
                                    overrides=overrides, dataset=dataset, subset=subset,
-                                   subset_mode=subset_mode).items() if v is not None}
+                                   subset_mode=subset_mode, log=log).items() if v is not None}
     if resume:
         if given or config is not None:
             raise ValueError(f"resume: the run goes on with its stored config; {', '.join(given) or 'config'} "
@@ -104,6 +105,7 @@ def train(config: TrainConfig | None, out: Path, resume: bool = False, force: bo
         if resume:
             raise no_checkpoint(out)
         raise TypeError("train: a new run needs its config")
+    check_logs(config)
     if is_host_env(config.env):
         return _train_on_host(config, out, resume, force, progress, record_dataset)
     record_dataset = record_dataset or (resume and (out / "dataset" / "dataset.json").exists())
