@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moescale.agents import epsilon_schedule, make_dqn, td_loss
+from moescale.agents import c51_loss, epsilon_schedule, make_dqn, td_loss
 from moescale.config import AgentConfig, NetworkConfig
-from moescale.networks import build_network
+from moescale.networks import build_network, support
 from moescale.replay.nstep import LearnBatch
 
 Q_TM1 = jnp.array([1.0, 2.0])
@@ -157,3 +157,21 @@ def test_td_priority_is_the_absolute_td_error():
     q_t = net.apply(state.target_params, batch.next_obs).q_values
     want = np.abs(batch.reward + batch.discount * q_t.max(-1) - q_tm1[np.arange(16), batch.action])
     np.testing.assert_allclose(m["priority"], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("double_q", [False, True])
+def test_c51_loss_equals_the_reference_c51_loss(double_q):
+    # The agent computes C51 through rlax; moescale.agents.losses.c51_loss (tested on hand cases) is the reference.
+    net = build_network(NetworkConfig(encoder="mlp", encoder_widths=(16,), moe="dense", hidden=16, head="c51",
+                                      num_atoms=11, v_min=-5.0, v_max=5.0), (4,), 3)
+    agent = make_dqn(net, AgentConfig(batch_size=16, double_q=double_q))
+    state = agent.init(jax.random.key(0))
+    state = state.replace(target_params=agent.init(jax.random.key(1)).params)  # target differs from online
+    batch = fixed_batch(size=16)
+    _, metrics = jax.jit(agent.loss)(state.params, state.target_params, batch, jax.random.key(0))
+    out_tm1, out_t = net.apply(state.params, batch.obs), net.apply(state.target_params, batch.next_obs)
+    selector = net.apply(state.params, batch.next_obs).q_values if double_q else out_t.q_values
+    want = jax.vmap(c51_loss, (0, 0, 0, 0, 0, 0, None))(out_tm1.logits, batch.action, batch.reward, batch.discount,
+                                                         out_t.logits, selector, support(11, -5.0, 5.0))
+    np.testing.assert_allclose(metrics["priority"], want, rtol=1e-6, atol=1e-6)
+    assert float(metrics["loss"]) == pytest.approx(float(jnp.mean(want)), rel=1e-6)

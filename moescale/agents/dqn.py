@@ -21,6 +21,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import chex
 import flax
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ import rlax
 
 from moescale import checks
 from moescale.agents.augment import random_shift
-from moescale.agents.losses import c51_loss, cql_regularizer
+from moescale.agents.losses import cql_regularizer
 from moescale.config import AgentConfig
 from moescale.layers import total_aux_loss
 from moescale.networks import Network, support
@@ -73,8 +74,8 @@ def td_error(q_tm1: jax.Array, a_tm1: jax.Array, r_t: jax.Array, discount_t: jax
              q_t_selector: jax.Array, double_q: bool) -> jax.Array:
     """TD error y - Q(s_tm1, a_tm1) of one transition: q_tm1 (A,), a_tm1 (), r_t (), discount_t (),
     q_t_value/selector (A,) -> ()."""
-    ranks = (q_tm1.ndim, q_t_value.ndim, q_t_selector.ndim, a_tm1.ndim, r_t.ndim, discount_t.ndim)
-    assert ranks == (1, 1, 1, 0, 0, 0), f"td_error takes one transition, got ranks {ranks}"
+    chex.assert_rank([q_tm1, q_t_value, q_t_selector, a_tm1, r_t, discount_t], [1, 1, 1, 0, 0, 0],
+                     custom_message="td_error takes one transition")
     if double_q:
         return rlax.double_q_learning(q_tm1, a_tm1, r_t, discount_t, q_t_value, q_t_selector)
     return rlax.q_learning(q_tm1, a_tm1, r_t, discount_t, q_t_value)
@@ -159,8 +160,12 @@ def make_dqn(network: Network, config: AgentConfig) -> Agent:
         out_t = forward(target_params, batch.next_obs, key_target)
         selector = forward(params, batch.next_obs, key_next).q_values if config.double_q else out_t.q_values
         if c51:
-            per_item = jax.vmap(c51_loss, (0, 0, 0, 0, 0, 0, None))(
-                out_tm1.logits, batch.action, batch.reward, batch.discount, out_t.logits, selector, atoms)  # (B,)
+            # rlax's C51 target and cross-entropy; the selector makes it plain C51 (the target network's Q) or
+            # double Q (the online network's). moescale.agents.losses.c51_loss, written from Bellemare et al.
+            # 2017, is the reference the tests hold it to (equal to float rounding).
+            per_item = jax.vmap(rlax.categorical_double_q_learning, (None, 0, 0, 0, 0, None, 0, 0))(
+                atoms, out_tm1.logits, batch.action, batch.reward, batch.discount, atoms, out_t.logits,
+                selector)  # (B,)
             priority = per_item
         else:
             td = jax.vmap(td_error, (0, 0, 0, 0, 0, 0, None))(

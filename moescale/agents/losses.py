@@ -13,13 +13,9 @@ batch (leading axis B) and take the mean, as with `td_loss` in moescale.agents.d
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
-
-
-def _check_ranks(name: str, arrays: tuple[jax.Array, ...], expected: tuple[int, ...]) -> None:
-    ranks = tuple(jnp.ndim(x) for x in arrays)
-    assert ranks == expected, f"{name} takes one transition: expected ranks {expected}, got ranks {ranks}"
 
 
 def categorical_projection(support: jax.Array, next_probs: jax.Array, reward: jax.Array,
@@ -36,9 +32,9 @@ def categorical_projection(support: jax.Array, next_probs: jax.Array, reward: ja
     Note: `support` must be uniformly spaced and increasing (as `moescale.networks.heads.support` builds it);
     this is assumed, not checked. dz is taken as (v_max - v_min) / (N - 1).
     """
-    _check_ranks("categorical_projection", (support, next_probs, reward, discount), (1, 1, 0, 0))
-    assert support.shape == next_probs.shape, \
-        f"categorical_projection: support {support.shape} and next_probs {next_probs.shape} differ"
+    chex.assert_rank([support, next_probs, reward, discount], [1, 1, 0, 0],
+                     custom_message="categorical_projection takes one transition")
+    chex.assert_equal_shape([support, next_probs], custom_message="categorical_projection: support, next_probs")
     assert support.shape[0] >= 2, f"categorical_projection: support needs >= 2 atoms, got {support.shape[0]}"
     v_min, v_max = support[0], support[-1]
     delta_z = (v_max - v_min) / (support.shape[0] - 1)
@@ -66,13 +62,12 @@ def c51_loss(logits_tm1: jax.Array, a_tm1: jax.Array, reward: jax.Array, discoun
 
     The projected target distribution is stop_gradient'ed, so gradients reach only logits_tm1.
     """
-    _check_ranks("c51_loss", (logits_tm1, a_tm1, reward, discount, logits_t, selector_q_t, support),
-                 (2, 0, 0, 0, 2, 1, 1))
+    chex.assert_rank([logits_tm1, a_tm1, reward, discount, logits_t, selector_q_t, support], [2, 0, 0, 0, 2, 1, 1],
+                     custom_message="c51_loss takes one transition")
     num_actions, num_atoms = logits_tm1.shape
-    assert logits_t.shape == logits_tm1.shape, f"c51_loss: logits_t {logits_t.shape} != logits_tm1 {logits_tm1.shape}"
-    assert selector_q_t.shape == (num_actions,), \
-        f"c51_loss: selector_q_t {selector_q_t.shape} must be ({num_actions},) to match logits (A, N)"
-    assert support.shape == (num_atoms,), f"c51_loss: support {support.shape} must be ({num_atoms},) to match logits"
+    chex.assert_equal_shape([logits_tm1, logits_t], custom_message="c51_loss: logits_tm1, logits_t")
+    chex.assert_shape(selector_q_t, (num_actions,), custom_message="c51_loss: selector_q_t (A,) to match logits")
+    chex.assert_shape(support, (num_atoms,), custom_message="c51_loss: support (N,) to match logits")
     a_t = jnp.argmax(selector_q_t)
     next_probs = jax.nn.softmax(logits_t[a_t])  # (N,)
     target = jax.lax.stop_gradient(categorical_projection(support, next_probs, reward, discount))  # (N,)
@@ -92,5 +87,5 @@ def cql_regularizer(q_tm1: jax.Array, a_tm1: jax.Array) -> jax.Array:
     Generalizes") pass the expected Q values q = sum_i z_i p_i(s, a), i.e. QHead's `q_values`: the same
     regularizer applies to the distribution's means.
     """
-    _check_ranks("cql_regularizer", (q_tm1, a_tm1), (1, 0))
+    chex.assert_rank([q_tm1, a_tm1], [1, 0], custom_message="cql_regularizer takes one transition")
     return jax.nn.logsumexp(q_tm1) - q_tm1[a_tm1]

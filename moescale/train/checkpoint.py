@@ -20,6 +20,14 @@ ignored too. Older checkpoints are deleted only after the new one is in place, b
 The pytree structure is not stored by orbax: it comes from `like` at load time, and the manifest's paths,
 shapes and dtypes are checked against it, so a mismatch raises one clear ValueError instead of orbax's
 silent casts or deep tensorstore errors.
+
+Why orbax's CheckpointManager does not replace the commit protocol above (read in orbax-checkpoint 0.12.8,
+_src/path/atomicity.py and checkpoint_manager.py): its save also writes into a temporary directory renamed
+when done, but nothing is fsynced before the rename (files or parent directory), so after a power cut a
+final-named step may hold empty or missing files; its deletion of old steps is an rmtree of the final-named
+directory, so a kill in the middle leaves a partial step under a step's name; and its restore takes the
+stored shapes and dtypes rather than refusing a mismatch with `like`. orbax still writes and reads the arrays
+(StandardCheckpointer): what moescale adds is only the ordering of fsyncs, renames and deletions.
 """
 
 from __future__ import annotations
