@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from moescale.analysis import implicit_bias as ib
+from moescale.train import supervised as sup
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -91,7 +92,7 @@ class TestDigitsData:
     def test_tokens_of_a_hand_made_image(self):
         # pixel (r, c) holds 10 r + c; 4x4 patches in row-major order, pixels row-major inside a patch
         img = (10 * np.arange(8)[:, None] + np.arange(8)[None, :]).astype(np.float32)
-        tokens = ib.digits_tokens(np.stack([img, -img]))
+        tokens = sup.digits_tokens(np.stack([img, -img]))
         assert tokens.shape == (2, 4, 16)
         np.testing.assert_array_equal(tokens[0, 0], [0, 1, 2, 3, 10, 11, 12, 13, 20, 21, 22, 23, 30, 31, 32, 33])
         np.testing.assert_array_equal(tokens[0, 1], [4, 5, 6, 7, 14, 15, 16, 17, 24, 25, 26, 27, 34, 35, 36, 37])
@@ -101,35 +102,35 @@ class TestDigitsData:
                                                      77])
         np.testing.assert_array_equal(tokens[1], -tokens[0])  # each image keeps its own pixels
         # 2x2 patches: 16 tokens of 4; token 5 is patch row 1, patch col 1 -> pixels (2..3, 2..3)
-        small = ib.digits_tokens(img[None], patch=2)
+        small = sup.digits_tokens(img[None], patch=2)
         assert small.shape == (1, 16, 4)
         np.testing.assert_array_equal(small[0, 5], [22, 23, 32, 33])
         np.testing.assert_array_equal(small[0, 15], [66, 67, 76, 77])
         with pytest.raises(ValueError, match=r"^patch="):
-            ib.digits_tokens(img[None], patch=3)
+            sup.digits_tokens(img[None], patch=3)
 
     def test_split(self):
-        x_train, y_train, x_test, y_test = ib.digits_split(0)
+        x_train, y_train, x_test, y_test = sup.digits_split(0)
         assert x_train.shape == (1438, 4, 16) and x_test.shape == (359, 4, 16)
         assert x_train.dtype == np.float32 and x_train.min() >= 0.0 and x_train.max() == 1.0
         assert set(np.unique(y_train)) == set(range(10))
-        again = ib.digits_split(0)
+        again = sup.digits_split(0)
         np.testing.assert_array_equal(again[2], x_test)  # the seed fixes the split
-        other = ib.digits_split(1)
+        other = sup.digits_split(1)
         assert not np.array_equal(other[3], y_test)
 
     def test_squared_norm_data(self):
-        x, y = ib.squared_norm_data(3, 5, 4, 8)
+        x, y = sup.squared_norm_data(3, 5, 4, 8)
         assert x.shape == (5, 4, 8) and y.shape == (5,)
         np.testing.assert_allclose(y, [np.sum(x[i].astype(np.float64) ** 2) for i in range(5)], rtol=1e-6)
-        np.testing.assert_array_equal(ib.squared_norm_data(3, 5, 4, 8)[0], x)
+        np.testing.assert_array_equal(sup.squared_norm_data(3, 5, 4, 8)[0], x)
 
     def test_batch_order(self):
-        order = ib.batch_order((0, 1), 10, epochs=3, batch_size=4)
+        order = sup.batch_order((0, 1), 10, epochs=3, batch_size=4)
         assert order.shape == (3, 2, 4) and order.dtype == np.int32
         for epoch in order:  # 8 distinct examples per epoch, the remainder 2 skipped
             assert len(set(epoch.ravel().tolist())) == 8 and epoch.max() < 10
-        np.testing.assert_array_equal(ib.batch_order((0, 1), 10, 3, 4), order)
+        np.testing.assert_array_equal(sup.batch_order((0, 1), 10, 3, 4), order)
 
 
 # ---------------------------------------------------------------------------------- report readings
