@@ -226,34 +226,9 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    import shlex
+    from moescale.study.report import report_study
 
-    import numpy as np
-
-    from moescale.envs import random_policy_returns
-    from moescale.envs.atari_scores import ATARI_GAMES, HUMAN_SCORES, RANDOM_SCORES
-    from moescale.envs.host import host_random_returns
-    from moescale.study.report import write_report
-    from moescale.study.spec import load_spec
-
-    if not (args.study / "spec.yaml").exists():
-        raise ValueError(f"study={str(args.study)!r}: is not a study directory (no spec.yaml); run `moescale study` "
-                         "first")
-    spec = load_spec(args.study / "spec.yaml")
-    envs = sorted({g.config.env for g in spec.groups})
-    # The zero point of normalized scores: the uniformly random policy's mean return (100 episodes, seed 0); for an
-    # Atari game the random agent's score of the reference table, with the human score as the reference.
-    atari = [env for env in envs if env in ATARI_GAMES]
-    random = {env: RANDOM_SCORES[env] for env in atari if env in RANDOM_SCORES}
-    for env in envs:
-        if env not in atari:
-            returns = (host_random_returns(env, episodes=100) if env.startswith("gym:")
-                       else random_policy_returns(env, episodes=100))
-            random[env] = float(np.mean(returns))
-    human = {env: HUMAN_SCORES.get(env) for env in atari}
-    command = shlex.join(["moescale", "report", str(args.study)] + (["--reps", str(args.reps)] if args.reps != 2000
-                                                                    else []))
-    path = write_report(args.study, command, reps=args.reps, random_returns=random, human_returns=human or None)
+    path = report_study(args.study, reps=args.reps)
     print(f"report written to {path}")
     return 0
 

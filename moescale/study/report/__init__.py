@@ -19,11 +19,13 @@ Every figure's caption names the spec, seeds, budget and the command that made t
 failed, have no metrics yet, or did not finish are listed; a single seed gives point estimates without CIs.
 
 The package: data (the shared constants, run groups, normalization, configurations, aggregates), document (the
-Markdown and HTML document), figures (pyplot, colours, panels), one module per section (overview, iqm, curves,
-per_env, profiles, improvement, scaling, hparams), and assemble (write_report).
+Markdown and HTML document), figures (pyplot, colours, panels), baselines (the random and human scores and the
+command line of `moescale report`), one module per section (overview, iqm, curves, per_env, profiles,
+improvement, scaling, hparams), and assemble (write_report, report_study).
 """
 
-from moescale.study.report.assemble import write_report
+from moescale.study.report.assemble import report_study, write_report
+from moescale.study.report.baselines import RANDOM_EPISODES, RANDOM_SEED, baseline_returns, report_command
 from moescale.study.report.data import (
     BOOTSTRAP_SEED,
     CONFIDENCE,
@@ -36,7 +38,7 @@ from moescale.study.report.hparams import HPARAMS
 from moescale.study.report.scaling import CHINCHILLA_CUT, ERROR_FLOOR, SCALING_BOOTSTRAP_MIN, SCALING_BOOTSTRAP_SHARE
 
 __all__ = [
-    "BOOTSTRAP_SEED", "CHINCHILLA_CUT", "CONFIDENCE", "ERROR_FLOOR", "HPARAMS", "POINT_KEYS",
-    "SCALING_BOOTSTRAP_MIN", "SCALING_BOOTSTRAP_SHARE", "SCORE_ITERATIONS", "_load_groups",
-    "_normalize", "write_report",
+    "BOOTSTRAP_SEED", "CHINCHILLA_CUT", "CONFIDENCE", "ERROR_FLOOR", "HPARAMS", "POINT_KEYS", "RANDOM_EPISODES",
+    "RANDOM_SEED", "SCALING_BOOTSTRAP_MIN", "SCALING_BOOTSTRAP_SHARE", "SCORE_ITERATIONS", "_load_groups",
+    "_normalize", "baseline_returns", "report_command", "report_study", "write_report",
 ]

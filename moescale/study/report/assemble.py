@@ -1,11 +1,12 @@
 """The report's assembly: write_report loads the study, normalizes, aggregates and writes every section in
-order to report.md and report.html.
+order to report.md and report.html; report_study does so with the report's baseline choices (baselines.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from moescale.study.report.baselines import baseline_returns, report_command
 from moescale.study.report.curves import _curves_section
 from moescale.study.report.data import _aggregates, _configs, _load_groups, _normalize
 from moescale.study.report.document import _code_span, _Doc
@@ -66,3 +67,19 @@ def write_report(out: Path, command: str, reps: int = 2000, random_returns: dict
     (report_dir / "report.html").write_text(doc.html(f"Study report: {spec.name}"))
     return md
 
+
+def report_study(study: Path, reps: int = 2000) -> Path:
+    """Write the report of the study in `study` (as `moescale report STUDY [--reps REPS]`) with the report's
+    baselines: every env's random score and the Atari games' human scores of baselines.baseline_returns, and the
+    command line of baselines.report_command; returns the Markdown file's path. ValueError if `study` has no
+    spec.yaml."""
+    from moescale.study.spec import load_spec
+
+    study = Path(study)
+    if not (study / "spec.yaml").exists():
+        raise ValueError(f"study={str(study)!r}: is not a study directory (no spec.yaml); run `moescale study` "
+                         "first")
+    spec = load_spec(study / "spec.yaml")
+    random, human = baseline_returns(spec)
+    command = report_command(study, reps)
+    return write_report(study, command, reps=reps, random_returns=random, human_returns=human or None)
