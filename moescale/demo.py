@@ -1,5 +1,6 @@
-"""The main job: DQN on Breakout-MinAtar with the dense layer, the paper's Soft MoE-4 and Soft MoE-4 with a
-residual path, 2 seeds each, side by side with the collapse diagnostics of each layer.
+"""The main job: DQN on Breakout-MinAtar with the dense layer, the paper's Soft MoE-4 and Soft MoE-4 with the best
+remedy of studies/softmoe-minatar.yaml (a LayerNorm before the layer and Phi's initial scale x10), 2 seeds each,
+side by side with the collapse diagnostics of each layer.
 
     python -m moescale.demo [--steps 40000] [--out runs/demo]
 
@@ -24,7 +25,7 @@ from moescale.train.run import train
 
 SOFTMOE4 = ["network.moe=softmoe", "network.num_experts=4"]
 ARCHS = {"dense": ["network.moe=dense"], "softmoe-4": SOFTMOE4,
-         "softmoe-4-residual": [*SOFTMOE4, "network.residual=true"]}
+         "softmoe-4-prenorm-phi10": [*SOFTMOE4, "network.pre_norm=true", "network.phi_scale=10.0"]}
 
 
 def read_curve(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ def test_demo_trains_every_layer_and_prints_returns_and_diagnostics(tmp_path, ca
     assert demo.main(["--steps", "4000", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     names = list(demo.ARCHS)
-    assert names == ["dense", "softmoe-4", "softmoe-4-residual"]
+    assert names == ["dense", "softmoe-4", "softmoe-4-prenorm-phi10"]
     rows = [line for line in out.splitlines() if line.startswith(tuple(f"| {n} |" for n in names))]
     assert len(rows) == 2 * len(names)  # returns, then diagnostics
     returns, diagnostics = rows[:3], rows[3:]
@@ -23,7 +23,7 @@ def test_demo_trains_every_layer_and_prints_returns_and_diagnostics(tmp_path, ca
         per_seed = ", ".join(f"{r:.2f}" for r in summary["final_eval_return"])
         assert row.split(" | ")[2] == per_seed  # the table shows the runs' own returns
     assert f"on {summary['device']}" in out
-    # the paper's Soft MoE is collapsed at initialisation, the residual one is not, nor dense; each cell is the
+    # the paper's Soft MoE is collapsed at initialisation, the remedied one is not, nor dense; each cell is the
     # diagnose.json value at initialisation -> at the end
     verdicts = [row.split(" | ")[1] for row in diagnostics]
     assert verdicts[1].startswith("yes ->") and verdicts[2].startswith("no ->") and verdicts[0] == "no -> no"
