@@ -7,7 +7,7 @@ feature srank next to the dense layer's on the same encoder. A configuration is 
 collapsed.
 `runs`: each row is a trained run directory (e.g. a study's run groups): its eval return at the end, then the
 diagnostics at initialisation (its config, random-policy states) -> on its newest checkpoint (its own policy's
-states); the latter is written to the run's diagnose.json.
+states); they are written to the run's diagnose_init.json and diagnose.json.
 
     python benchmarks/collapse_screen.py screen --games Breakout-MinAtar,SpaceInvaders-MinAtar,Asterix-MinAtar \
         --seeds 3 --write BENCHMARKS.md
@@ -98,6 +98,7 @@ def run_rows(run_dirs: list[Path], states: int) -> list[str]:
         config = load_run_config(run_dir)
         summary = json.loads((run_dir / "summary.json").read_text())
         found = [diagnose_config(config, states), diagnose_run(run_dir, states)]
+        write_diagnosis(found[0], run_dir, "diagnose_init.json")  # the same seeds' networks at initialisation
         write_diagnosis(found[1], run_dir)
 
         def both(fn: object, found: list = found) -> str:

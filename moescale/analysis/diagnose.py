@@ -358,11 +358,11 @@ def collapse_warning(config: TrainConfig) -> str | None:
             f"remedies: {REMEDY_HINT}")
 
 
-def write_diagnosis(found: Mapping[str, Any], out: Path) -> Path:
-    """Write found to out/diagnose.json (atomically) and return its path."""
+def write_diagnosis(found: Mapping[str, Any], out: Path, name: str = "diagnose.json") -> Path:
+    """Write found to out/name (atomically) and return its path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "diagnose.json"
+    path = out / name
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(found, indent=2))
     tmp.replace(path)
