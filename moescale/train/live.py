@@ -92,6 +92,6 @@ def check_logs(config: TrainConfig) -> None:
 
 
 def open_logs(config: TrainConfig, out: Path) -> list[LiveLog]:
-    """The live logs config.log asks for, writing into the run directory `out`."""
-    check_logs(config)
+    """The live logs config.log asks for, writing into the run directory `out` (train() has run check_logs
+    before touching it)."""
     return [LOGGERS[name][0](config, out) for name in config.log]
