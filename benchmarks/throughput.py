@@ -53,8 +53,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from moescale.config import CONV_IMPLS  # noqa: E402
 from moescale.presets import apply_overrides, get_preset  # noqa: E402
-from moescale.study.runner import update_seconds  # noqa: E402
 from moescale.train.anakin import make_trainer, seed_keys  # noqa: E402
+from moescale.train.autotune import update_seconds  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_loop import HostLoop  # noqa: E402

@@ -42,6 +42,9 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-collapse-check", action="store_true",
                    help="skip the check at start that an MoE layer is not collapsed (moescale diagnose; seconds)")
+    p.add_argument("--no-autotune", action="store_true",
+                   help="seed_layout auto: take the untimed default (unroll on CPU, vmap on accelerators) instead of "
+                        "timing the candidate layouts on this machine (seconds, cached per machine)")
     p.add_argument("--record-dataset", action="store_true",
                    help="also write every transition to RUN_DIR/dataset (offline-RL format, moescale.data)")
     p.add_argument("--dataset", type=Path, metavar="PATH",
@@ -122,7 +125,7 @@ def _new_run(args: argparse.Namespace) -> dict:
         if warning:
             print(f"moescale train: {warning}", file=sys.stderr)
     return train(config, args.out, force=args.force, progress=not args.no_progress,
-                 record_dataset=args.record_dataset)
+                 record_dataset=args.record_dataset, autotune=not args.no_autotune)
 
 
 def _check_env(config) -> None:
@@ -196,15 +199,16 @@ def cmd_presets(_: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from moescale.study.runner import format_plan, plan, prepare_study_dir, run_study
+    from moescale.study.runner import estimate, format_estimate, format_plan, plan, prepare_study_dir, run_study
     from moescale.study.spec import load_spec
 
     spec = load_spec(args.spec)
     if args.dry_run:
         if (args.out / "study.json").exists():
             prepare_study_dir(spec, args.out, write=False)  # only checks that the directory holds this spec
-        print(format_plan(plan(spec, args.out if (args.out / "study.json").exists() else None,
-                               progress=not args.no_progress)))
+        rows = plan(spec, args.out if (args.out / "study.json").exists() else None)
+        print(format_plan(rows), flush=True)
+        print(format_estimate(rows, estimate(spec, rows, progress=not args.no_progress)))
         return 0
     statuses = run_study(spec, args.out, progress=not args.no_progress, retry_failed=args.retry_failed,
                          executor=args.executor, address=args.address, cpus_per_run=args.cpus_per_run,

@@ -19,3 +19,7 @@ _CACHE = tempfile.mkdtemp(prefix="moescale-test-xla-cache-")
 atexit.register(shutil.rmtree, _CACHE, True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
+# moescale's own timing cache (moescale.train.autotune: the measured seed layout, a dry run's update timings) lives
+# in the session's temporary directory too, so tests neither read nor write the user's cache directory.
+os.environ.setdefault("MOESCALE_CACHE_DIR", os.path.join(_CACHE, "moescale"))

@@ -104,35 +104,64 @@ class TestHostEnvs:
 
     def test_plan_and_update_time_on_host_envs(self):
         from moescale.envs.host import env_spaces
-        from moescale.study.runner import plan, update_seconds
+        from moescale.study.runner import plan
+        from moescale.train.autotune import update_seconds
 
         layers = [{"moe": "dense", "widths": [1, 2]}]
         atari = parse_spec({"preset": "atari100k-der", "envs": ["Pong"], "layers": layers})
         gym = parse_spec({"preset": "classic-dqn", "envs": ["gym:CartPole-v1"], "layers": layers})
         assert env_spaces("Pong") == ((84, 84, 4), 6, np.uint8) and env_spaces("atari20")[0] == (84, 84, 4)
         assert env_spaces("gym:CartPole-v1") == ((4,), 2, np.float32) == env_spaces("CartPole-v1")
-        rows = plan(atari, measure=False)
+        rows = plan(atari)
         assert [r["agent_steps"] for r in rows] == [100_000, 100_000] and rows[0]["params"] < rows[1]["params"]
         assert 0 < update_seconds(gym.groups[0].config, repeats=2) < 1
 
     def test_plan_estimates_update_rounds_times_a_round_timed_in_a_loop(self, monkeypatch):
         from moescale.study import runner
+        from moescale.train import autotune
 
         spec = parse_spec({"preset": "classic-dqn", "envs": ["CartPole-v1"], "layers": [{"moe": "dense"}],
                            "seeds": 3, "steps": 20_000, "set": {"iteration_steps": 10_000}})
         config = spec.groups[0].config
-        monkeypatch.setattr(runner, "update_round_seconds", lambda c: 0.25 * c.seeds)
+        monkeypatch.setattr(autotune, "round_seconds", lambda c, layout, side_by_side: 0.25 * c.seeds)
         # 2 iterations of 10,000 agent steps, an update every 10 (classic-dqn): 2,000 rounds of 3 seeds' updates
         assert (config.iterations, config.agent.update_period) == (2, 10)
-        assert runner.plan(spec)[0]["estimate_s"] == 2_000 * 0.75
+        rows = runner.plan(spec)
+        assert rows[0]["estimate_s"] is None
+        runner.estimate(spec, rows)
+        assert rows[0]["estimate_s"] == 2_000 * 0.75
+
+    def test_groups_sharing_an_update_shape_are_timed_once_and_cached(self, monkeypatch, tmp_path):
+        from moescale.study import runner
+        from moescale.train import autotune
+
+        monkeypatch.setenv("MOESCALE_CACHE_DIR", str(tmp_path / "cache"))
+        # Asterix and Breakout differ only in what the shape leaves out (channels: both 4; actions 5 and 3);
+        # Freeway has 7 channels: one shape still. dense-2 is another shape.
+        spec = parse_spec({"preset": "minatar-dqn", "envs": ["Asterix-MinAtar", "Breakout-MinAtar",
+                                                                 "Freeway-MinAtar"],
+                           "layers": [{"moe": "dense", "widths": [1, 2]}], "seeds": 2, "steps": 1000,
+                           "set": {"iteration_steps": 1000}})
+        timed = []
+        monkeypatch.setattr(autotune, "round_seconds",
+                            lambda c, layout, side_by_side: timed.append((c.env, layout, side_by_side)) or 0.01)
+        rows = runner.plan(spec)
+        timings = runner.estimate(spec, rows)
+        assert [(t["groups"], t["cached"]) for t in timings] == [(3, False), (3, False)]
+        assert timed == [("Asterix-MinAtar", "unroll", False)] * 2  # one seed's loop x the seeds
+        assert all(r["estimate_s"] == 1000 // 4 * 0.01 for r in rows)
+        assert "2 distinct shapes" in runner.format_estimate(rows, timings)
+        # a second plan on this machine times nothing: every shape is in the cache
+        again = runner.estimate(spec, runner.plan(spec))
+        assert len(timed) == 2 and all(t["cached"] for t in again)
 
     @pytest.mark.parametrize("layout", ["vmap", "unroll"])
     def test_update_round_time_in_either_seed_layout(self, layout):
-        from moescale.study.runner import update_round_seconds
+        from moescale.train.autotune import round_seconds
 
         spec = parse_spec({"preset": "classic-dqn", "envs": ["CartPole-v1"], "layers": [{"moe": "dense"}],
                            "seeds": 2, "set": {"seed_layout": layout}})
-        assert 0 < update_round_seconds(spec.groups[0].config, updates=4, repeats=2) < 1
+        assert 0 < round_seconds(spec.groups[0].config, updates=4, repeats=2) < 1
 
 
 def tiny_spec(tmp_path, **changes):
@@ -229,10 +258,10 @@ class TestCommandLine:
         assert not (tmp_path / "s").exists()
 
     def test_dry_run_of_a_finished_study_times_nothing(self, finished, monkeypatch, capsys):
-        from moescale.study import runner
+        from moescale.train import autotune
 
         _, path, out, _ = finished
-        monkeypatch.setattr(runner, "update_round_seconds", lambda c: pytest.fail("a finished group was timed"))
+        monkeypatch.setattr(autotune, "round_seconds", lambda *a, **k: pytest.fail("a finished group was timed"))
         assert main(["study", str(path), "--out", str(out), "--dry-run"]) == 0
         assert "2 run groups (0 to run)" in capsys.readouterr().out
 
@@ -256,6 +285,7 @@ class TestCommandLine:
         import shutil
 
         from moescale.study import runner
+        from moescale.train import autotune
 
         _, _, done, _ = finished
         out = tmp_path / "grown"
@@ -267,7 +297,7 @@ class TestCommandLine:
         bigger.write_text(yaml.safe_dump(raw))
         trained = []
         monkeypatch.setattr(runner, "run_group", lambda group, *a, **k: trained.append(group.name) or "done")
-        monkeypatch.setattr(runner, "update_round_seconds", lambda config: 0.01)
+        monkeypatch.setattr(autotune, "round_seconds", lambda *a, **k: 0.01)
         assert main(["study", str(bigger), "--out", str(out), "--dry-run", "--no-progress"]) == 0
         assert "3 run groups (1 to run)" in capsys.readouterr().out
         assert yaml.safe_load((out / "spec.yaml").read_text()) != raw  # a dry run writes nothing

@@ -163,8 +163,9 @@ def param_counts(config: NetworkConfig, params: dict, num_tokens: int, capacity:
 
 
 def build_network(config: NetworkConfig, obs_shape: tuple[int, ...], num_actions: int,
-                  obs_dtype: Any = jnp.float32) -> Network:
-    """Compose the value network and measure it; bad shapes raise ValueError before any training trace."""
+                  obs_dtype: Any = jnp.float32, flops: bool = True) -> Network:
+    """Compose the value network and measure it; bad shapes raise ValueError before any training trace.
+    flops=False leaves info.forward_flops NaN and skips its compile (a plan that only counts parameters)."""
     if isinstance(num_actions, bool) or not isinstance(num_actions, int) or num_actions < 1:
         raise ValueError(f"num_actions={num_actions!r}: must be a positive int")
     obs_shape = tuple(int(s) for s in obs_shape)
@@ -180,8 +181,9 @@ def build_network(config: NetworkConfig, obs_shape: tuple[int, ...], num_actions
     capacity = None if layer is None else layer.capacity(tokens[0])
     variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), dummy)
     params = {"params": variables["params"]}
-    flops = _forward_flops(module, params, dummy)
-    info = NetworkInfo(feature_shape, tokens, capacity, param_counts(config, params, tokens[0], capacity), flops)
+    forward_flops = _forward_flops(module, params, dummy) if flops else math.nan
+    info = NetworkInfo(feature_shape, tokens, capacity, param_counts(config, params, tokens[0], capacity),
+                       forward_flops)
     return Network(module, config, obs_shape, obs_dtype, info)
 
 

@@ -17,8 +17,6 @@ process (executor "local") or as Ray tasks on a cluster (executor "ray"), writin
 from __future__ import annotations
 
 import json
-import statistics
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -81,123 +79,98 @@ def _write_study_files(spec: StudySpec, out: Path) -> None:
                                                   "groups": [g.name for g in spec.groups]}, indent=2))
 
 
-def _agent_and_batches(config: TrainConfig, count: int) -> tuple[Any, Any]:
-    """The config's agent and `count` learning batches of zeros of its env's shapes, stacked (the update's cost
-    does not depend on the data)."""
-    import jax.numpy as jnp
-
-    from moescale.agents import make_agent
-    from moescale.envs.host import env_spaces
-    from moescale.networks import build_network
-    from moescale.replay.nstep import LearnBatch
-
-    obs_shape, num_actions, obs_dtype = env_spaces(config.env, config.sticky_prob, config.max_episode_steps)
-    agent = make_agent(build_network(config.network, obs_shape, num_actions, obs_dtype), config.agent)
-    lead = (count, config.agent.batch_size)
-    obs = jnp.zeros((*lead, *obs_shape), obs_dtype)
-    batches = LearnBatch(obs=obs, action=jnp.zeros(lead, jnp.int32), reward=jnp.zeros(lead),
-                         discount=jnp.ones(lead), next_obs=obs, weights=jnp.ones(lead))
-    return agent, batches
-
-
-def update_seconds(config: TrainConfig, repeats: int = 5) -> float:
-    """Median time of one jitted update of the config's agent (its network and batch) on this machine. The state
-    is donated, so each call updates its buffers in place, as a training loop does."""
-    import jax
-
-    agent, batches = _agent_and_batches(config, 1)
-    batch = jax.tree.map(lambda b: b[0], batches)
-    state = agent.init(jax.random.key(0))
-    update = jax.jit(agent.update, donate_argnums=0)
-    key = jax.random.key(1)
-    return _median_seconds(lambda state: update(state, batch, key)[0], state, repeats)
-
-
-def _median_seconds(step: Any, state: Any, repeats: int) -> float:
-    """Median wall time of `state = step(state)` over `repeats` calls, after one call that compiles it."""
-    import jax
-
-    state = jax.block_until_ready(step(state))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        state = jax.block_until_ready(step(state))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def update_round_seconds(config: TrainConfig, updates: int = 16, repeats: int = 3) -> float:
-    """Median time of one update of every seed of the config's run, timed inside a compiled loop of `updates`
-    updates in the run's seed layout: `vmap` (accelerators) batches all seeds' updates; `unroll` (CPU) times one
-    seed's loop and multiplies by the seeds, since one seed's program already keeps the cores busy (BENCHMARKS.md:
-    8 seeds run at about the one-seed rate). In a loop an update pays no dispatch (most of a standalone call on
-    a GPU) and XLA overlaps work across updates (on CPU the compiled dense loop ran 1.6-1.8x the standalone-update
-    rate). Each update reads the next batch of a pool passed in as an argument, so XLA cannot hoist the target
-    network's forward pass out of the loop as loop-invariant."""
-    import jax
-
-    from moescale.train.anakin import resolve_seed_layout
-
-    vmapped = resolve_seed_layout(config.seed_layout) == "vmap"
-    seeds = config.seeds if vmapped else 1
-    pool = 4
-    agent, batches = _agent_and_batches(config, pool)
-    update = jax.vmap(agent.update, in_axes=(0, None, 0))
-
-    def loop(states: Any, batches: Any, key: jax.Array) -> Any:
-        def body(i: jax.Array, states: Any) -> Any:
-            batch = jax.tree.map(lambda b: b[i % pool], batches)
-            return update(states, batch, jax.random.split(jax.random.fold_in(key, i), seeds))[0]
-
-        return jax.lax.fori_loop(0, updates, body, states)
-
-    run = jax.jit(loop, donate_argnums=0)
-    states = jax.vmap(agent.init)(jax.random.split(jax.random.key(0), seeds))
-    key = jax.random.key(1)
-    seconds = _median_seconds(lambda states: run(states, batches, key), states, repeats)
-    return seconds / updates * (1 if vmapped else config.seeds)
-
-
-def plan(spec: StudySpec, out: Path | None = None, measure: bool = True,
-         progress: bool = False) -> list[dict[str, Any]]:
-    """One row per run group: its grid point, seeds, parameters, agent steps, status and an estimated time.
-
-    The estimate is the group's update rounds (steps per seed / update_period) times one round of every seed's
-    update measured in a compiled loop on this machine (`update_round_seconds`), leaving out acting, evaluation
-    and compilation (about 5-20 s per group). The update dominates on CPU; on a GPU acting and stepping cost more
-    next to it, so there it is a rougher guide. Finished groups are not timed. Each timing compiles the group's
-    update loop (a few seconds), so `progress` shows a bar over the groups.
-    """
+def plan(spec: StudySpec, out: Path | None = None) -> list[dict[str, Any]]:
+    """One row per run group: its grid point, seeds, parameters, agent steps and status (nothing timed: see
+    `estimate`)."""
     from moescale.envs.host import env_spaces
     from moescale.networks import build_network
 
     rows = []
-    for group in tqdm(spec.groups, desc="timing update rounds", unit="group", disable=not (progress and measure)):
+    for group in spec.groups:
         config = group.config
-        info = build_network(config.network, *env_spaces(config.env, config.sticky_prob,
-                                                          config.max_episode_steps)).info
-        rounds = config.iterations * config.iteration_steps // config.agent.update_period
-        row = {"group": group.name, **group.point, "seeds": config.seeds, "params": info.params["total"],
-               "agent_steps": config.seeds * config.iterations * config.iteration_steps,
-               "status": group_status(out / "runs" / group.name) if out is not None else "pending"}
-        row["estimate_s"] = rounds * update_round_seconds(config) if measure and row["status"] != "done" else None
-        rows.append(row)
+        spaces = env_spaces(config.env, config.sticky_prob, config.max_episode_steps)
+        info = build_network(config.network, *spaces, flops=False).info
+        rows.append({"group": group.name, **group.point, "seeds": config.seeds, "params": info.params["total"],
+                     "agent_steps": config.seeds * config.iterations * config.iteration_steps,
+                     "status": group_status(out / "runs" / group.name) if out is not None else "pending",
+                     "estimate_s": None})
     return rows
 
 
+def estimate(spec: StudySpec, rows: list[dict[str, Any]], progress: bool = False) -> list[dict[str, Any]]:
+    """Fill each unfinished row's estimate_s: its update rounds (steps per seed / update_period) times one round
+    of every seed's update, timed in a compiled loop on this machine (moescale.train.autotune.round_seconds)
+    once per distinct update shape, seed count and seed layout, and cached per machine. The layout is the one
+    `seed_layout: auto` chose for that shape before (cached), else the untimed default (unroll on CPU, timed as
+    one seed's loop x the seeds, an upper bound that leaves out seeds running side by side). Acting,
+    evaluation and compilation are left out (about 5-20 s per group): the update dominates on CPU; on a GPU
+    acting and stepping cost more next to it, so there it is a rougher guide. Returns the distinct timings, one
+    row each: shape (its first group), layout, seeds, round_seconds, groups, cached."""
+    from moescale.train import autotune
+
+    todo = [(g, r) for g, r in zip(spec.groups, rows, strict=True) if r["status"] != "done"]
+    timings: dict[tuple[str, int, str], dict[str, Any]] = {}
+    for group, _ in todo:
+        config = group.config
+        layout = _planned_layout(config)
+        key = (autotune.shape_key(config), config.seeds, layout)
+        if key not in timings:
+            timings[key] = {"shape": group.name, "layout": layout, "seeds": config.seeds, "groups": 0,
+                            "config": config}
+        timings[key]["groups"] += 1
+    for timing in tqdm(timings.values(), desc="timing update rounds", unit="shape", disable=not progress):
+        timing["round_seconds"], timing["cached"] = autotune.timed_round_seconds(timing.pop("config"),
+                                                                                  timing["layout"])
+    for group, row in todo:
+        config = group.config
+        seconds = timings[(autotune.shape_key(config), config.seeds, _planned_layout(config))]["round_seconds"]
+        row["estimate_s"] = config.iterations * config.iteration_steps // config.agent.update_period * seconds
+    return list(timings.values())
+
+
+def _planned_layout(config: TrainConfig) -> str:
+    """The seed layout a run of `config` will use as far as known without timing: the config's, or for `auto`
+    the layout its autotune chose before on this machine (cached), else the untimed default."""
+    from moescale.train import autotune
+
+    layout = autotune.resolve_seed_layout(config.seed_layout)
+    if config.seed_layout == "auto" and config.seeds > 1:
+        cached = {c: autotune.cached_round_seconds(config, c) for c in autotune.CANDIDATES}
+        if all(v is not None for v in cached.values()):
+            return min(cached, key=cached.__getitem__)
+    # Not chosen yet, or given: one seed's loop x the seeds (unroll; a cheaper timing that leaves out the seeds
+    # running side by side), or vmap's batched loop.
+    return "unroll, one seed x S" if layout == "unroll" else layout
+
+
+def _table(cols: list[str], cells: list[list[str]]) -> list[str]:
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    return ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in [cols, *cells]]
+
+
 def format_plan(rows: list[dict[str, Any]]) -> str:
-    """The plan as a text table plus a total line."""
-    cols = ["group", "seeds", "params", "agent_steps", "status", "estimate_s"]
+    """The plan as a text table (the estimate column "-" until `estimate` filled it) plus a count line."""
     cells = [[str(r["group"]), str(r["seeds"]), f"{r['params']:,}", f"{r['agent_steps']:,}", r["status"],
               "-" if r["estimate_s"] is None else f"{r['estimate_s']:,.0f}"] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    lines = _table(["group", "seeds", "params", "agent_steps", "status", "estimate_s"], cells)
+    todo = [r for r in rows if r["status"] != "done"]
+    lines.append(f"{len(rows)} run groups ({len(todo)} to run), {sum(r['agent_steps'] for r in rows):,} agent steps")
+    return "\n".join(lines)
+
+
+def format_estimate(rows: list[dict[str, Any]], timings: list[dict[str, Any]]) -> str:
+    """The distinct update timings `estimate` made (one per shape, seed count and layout) and the total time."""
     todo = [r for r in rows if r["status"] != "done"]
     total = sum(r["estimate_s"] or 0 for r in todo)
-    lines.append(f"{len(rows)} run groups ({len(todo)} to run), {sum(r['agent_steps'] for r in rows):,} agent steps; "
-                 f"estimated {total / 60:,.1f} min to run (update rounds x their time measured in a compiled loop; "
-                 "acting, evaluation and compilation not included)")
+    lines = []
+    if timings:
+        cells = [[t["shape"], str(t["groups"]), t["layout"], str(t["seeds"]), f"{1e3 * t['round_seconds']:,.2f}",
+                  "cached" if t["cached"] else "timed now"] for t in timings]
+        lines = _table(["update shape (first group)", "groups", "layout", "seeds", "ms per update round", "timing"],
+                       cells)
+    lines.append(f"estimated {total / 60:,.1f} min for the {len(todo)} run groups to run (update rounds x their time "
+                 f"measured in a compiled loop, {len(timings)} distinct shapes; acting, evaluation and compilation "
+                 "not included)")
     return "\n".join(lines)
 
 

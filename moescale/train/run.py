@@ -61,7 +61,7 @@ def train_with_options(preset: str | None = None, env: str | None = None, moe: s
                        out: str | Path | None = None, overrides: Any = None, config: TrainConfig | None = None,
                        force: bool = False, resume: bool = False, progress: bool = True,
                        record_dataset: bool = False, dataset: str | Path | None = None, subset: float | None = None,
-                       subset_mode: str | None = None, log: Any = None) -> dict[str, Any]:
+                       subset_mode: str | None = None, log: Any = None, autotune: bool = True) -> dict[str, Any]:
     """Train (or with resume=True go on with) a run into `out` and return its summary dict, as `moescale train`
     (this is moescale.train). Either `moescale train`'s options (moescale.presets.config_from_options; overrides
     a mapping of dotted keys to values or "key=value" strings) or a whole `config`; resume takes the run's stored
@@ -82,11 +82,12 @@ def train_with_options(preset: str | None = None, env: str | None = None, moe: s
         if dataset is not None:
             given["dataset"] = str(dataset)
         config = config_from_options(**given)
-    return train(config, Path(out), force=force, progress=progress, record_dataset=record_dataset)
+    return train(config, Path(out), force=force, progress=progress, record_dataset=record_dataset,
+                 autotune=autotune)
 
 
 def train(config: TrainConfig | None, out: Path, resume: bool = False, force: bool = False,
-          progress: bool = True, record_dataset: bool = False) -> dict[str, Any]:
+          progress: bool = True, record_dataset: bool = False, autotune: bool = True) -> dict[str, Any]:
     """Run (or resume) a training run into `out` and return its summary. A resumed run goes on with the config
     stored in `out`: pass config=None (a config given is not used then).
 
@@ -95,6 +96,9 @@ def train(config: TrainConfig | None, out: Path, resume: bool = False, force: bo
     recording (flag or not): the chunks after the checkpoint are dropped and recorded again.
     An offline run (config.dataset set) loads its dataset before the run directory is touched, so a bad
     dataset (ValueError) leaves nothing behind.
+    autotune: `seed_layout: auto` times its candidate layouts on this machine and takes the fastest
+    (moescale.train.autotune; cached per machine); False takes the untimed default (unroll on CPU). A resumed
+    run keeps the layout it started with (RUN_DIR/seed_layout.json).
     """
     out = Path(out)
     from moescale.envs.host import is_host_env
@@ -121,15 +125,33 @@ def train(config: TrainConfig | None, out: Path, resume: bool = False, force: bo
     if not resume:
         config = prepare_run_dir(config, out, resume, force)
     t_start = time.perf_counter()
-    driver = CompiledDriver(make_trainer(config, offline), out, record_dataset, resume)
+    layout, tuning = _seed_layout(config, out, resume, autotune)
+    trainer = make_trainer(dataclasses.replace(config, seed_layout=layout), offline)
+    driver = CompiledDriver(trainer, out, record_dataset, resume, tuning)
     return drive(driver, out, resume, progress, t_start)
+
+
+def _seed_layout(config: TrainConfig, out: Path, resume: bool, autotune: bool) -> tuple[str, dict[str, Any] | None]:
+    """The run's seed layout and what it was chosen from (moescale.train.autotune.choose_layout), kept in
+    RUN_DIR/seed_layout.json: a resumed run reads it back, so it goes on in the layout it started with (the
+    layouts agree only to float rounding)."""
+    from moescale.train.autotune import choose_layout
+
+    record = out / "seed_layout.json"
+    if resume and record.exists():
+        kept = json.loads(record.read_text())
+        return kept["seed_layout"], kept["tuning"]
+    layout, tuning = choose_layout(config, autotune)
+    write_atomic(record, json.dumps({"seed_layout": layout, "tuning": tuning}, indent=2))
+    return layout, tuning
 
 
 class CompiledDriver:
     """The compiled trainer (moescale.train.anakin) as a Driver: every seed's iteration one compiled call."""
 
-    def __init__(self, trainer: Trainer, out: Path, record_dataset: bool, resume: bool):
-        self.config, self.trainer, self.out = trainer.config, trainer, out
+    def __init__(self, trainer: Trainer, out: Path, record_dataset: bool, resume: bool,
+                 tuning: dict[str, Any] | None = None):
+        self.config, self.trainer, self.out, self.tuning = trainer.config, trainer, out, tuning
         self.record_dataset, self.resume = record_dataset, resume
         self.states = trainer.init(seed_keys(self.config))
         self.compiled: Any = None
@@ -186,6 +208,7 @@ class CompiledDriver:
         trainer = self.trainer
         return {
             "seed_layout": trainer.layout.name,
+            "seed_layout_timing": self.tuning,  # what `auto` chose from (None when nothing was timed)
             "devices": trainer.layout.devices,  # the seeds spread evenly over them
             "params": trainer.network.info.params,
             "forward_flops": trainer.network.info.forward_flops,

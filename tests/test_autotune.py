@@ -1,0 +1,90 @@
+"""The measured seed layout (moescale.train.autotune): `auto` times its candidates once per machine, update shape
+and seed count, takes the fastest, and a run records and keeps what it chose."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moescale.presets import apply_overrides, get_preset
+from moescale.train import autotune
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOESCALE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "timings.json"
+
+
+def fake_timings(monkeypatch, seconds: dict[str, float]) -> list:
+    timed = []
+
+    def round_seconds(config, layout, side_by_side=True):
+        timed.append((config.seeds, layout, side_by_side))
+        return seconds[layout]
+
+    monkeypatch.setattr(autotune, "round_seconds", round_seconds)
+    return timed
+
+
+def config(*sets: str):
+    return apply_overrides(get_preset("classic-dqn"), ["env=CartPole-v1", *sets])
+
+
+def test_auto_takes_the_faster_layout_and_times_each_shape_once(cache, monkeypatch):
+    timed = fake_timings(monkeypatch, {"vmap": 0.002, "unroll": 0.003})
+    layout, tuning = autotune.choose_layout(config("seeds=4"))
+    assert layout == "vmap" and tuning["round_seconds"] == {"vmap": 0.002, "unroll": 0.003}
+    assert timed == [(4, "vmap", True), (4, "unroll", True)] and not tuning["cached"]
+    # the same shape again, here a learning rate apart (a value, not the work): from the cache
+    again = autotune.choose_layout(config("seeds=4", "agent.learning_rate=0.1"))
+    assert again[0] == "vmap" and again[1]["cached"] and len(timed) == 2
+    # another seed count or another network is another timing
+    autotune.choose_layout(config("seeds=2"))
+    autotune.choose_layout(config("seeds=4", "network.hidden=64"))
+    assert len(timed) == 6 and len(json.loads(cache.read_text())) == 6
+
+
+def test_given_layouts_one_seed_and_no_autotune_time_nothing(cache, monkeypatch):
+    timed = fake_timings(monkeypatch, {"vmap": 0.002, "unroll": 0.003})
+    assert autotune.choose_layout(config("seeds=4", "seed_layout=unroll")) == ("unroll", None)
+    assert autotune.choose_layout(config("seeds=1")) == ("unroll", None)  # CPU's default
+    assert autotune.choose_layout(config("seeds=4"), autotune=False) == ("unroll", None)
+    assert timed == [] and not cache.exists()
+
+
+def test_a_damaged_cache_is_timed_again(cache, monkeypatch):
+    timed = fake_timings(monkeypatch, {"vmap": 0.005, "unroll": 0.003})
+    cache.parent.mkdir(parents=True)
+    cache.write_bytes(b"\x00{not json")
+    assert autotune.choose_layout(config("seeds=4"))[0] == "unroll" and len(timed) == 2
+    assert len(json.loads(cache.read_text())) == 2
+
+
+def test_the_two_timings_of_unroll_agree_in_kind():
+    """Timed for real: seeds side by side in one program, or one seed's loop times the seeds."""
+    c = config("seeds=2")
+    side_by_side = autotune.round_seconds(c, "unroll", updates=2, repeats=2)
+    one_seed = autotune.round_seconds(c, "unroll", updates=2, repeats=2, side_by_side=False)
+    assert 0 < side_by_side < 1 and 0 < one_seed < 1
+
+
+def test_a_run_records_the_choice_and_a_resume_keeps_it(cache, monkeypatch, tmp_path):
+    from moescale.train.run import train
+
+    fake_timings(monkeypatch, {"vmap": 0.001, "unroll": 0.002})
+    run = config("seeds=2", "steps=200", "iteration_steps=100", "agent.min_replay=50", "eval_episodes=1",
+                 "checkpoint_every=1")
+    summary = train(run, tmp_path / "run", progress=False)
+    assert summary["seed_layout"] == "vmap" and summary["seed_layout_timing"]["chosen"] == "vmap"
+    # the machine now times unroll faster; the run, resumed with more steps, keeps the layout it began with
+    fake_timings(monkeypatch, {"vmap": 0.009, "unroll": 0.001})
+    from moescale.train.run import raise_budget
+
+    raise_budget(tmp_path / "run", 300)
+    resumed = train(None, tmp_path / "run", resume=True, progress=False)
+    assert resumed["seed_layout"] == "vmap" and resumed["seed_layout_timing"]["round_seconds"]["vmap"] == 0.001
+    assert train(run, tmp_path / "other", progress=False)["seed_layout"] == "vmap"  # this machine's cache
+    monkeypatch.setenv("MOESCALE_CACHE_DIR", str(tmp_path / "another machine"))
+    assert train(run, tmp_path / "third", progress=False)["seed_layout"] == "unroll"
