@@ -20,11 +20,11 @@ def cache(tmp_path, monkeypatch):
 def fake_timings(monkeypatch, seconds: dict[str, float]) -> list:
     timed = []
 
-    def round_seconds(config, layout, side_by_side=True):
+    def timing_program(config, layout, updates, side_by_side):
         timed.append((config.seeds, layout, side_by_side))
-        return seconds[layout]
+        return lambda repeats: seconds[layout]
 
-    monkeypatch.setattr(autotune, "round_seconds", round_seconds)
+    monkeypatch.setattr(autotune, "timing_program", timing_program)
     return timed
 
 

@@ -123,7 +123,7 @@ class TestHostEnvs:
         spec = parse_spec({"preset": "classic-dqn", "envs": ["CartPole-v1"], "layers": [{"moe": "dense"}],
                            "seeds": 3, "steps": 20_000, "set": {"iteration_steps": 10_000}})
         config = spec.groups[0].config
-        monkeypatch.setattr(autotune, "round_seconds", lambda c, layout, side_by_side: 0.25 * c.seeds)
+        monkeypatch.setattr(autotune, "timing_program", lambda c, *a: lambda repeats: 0.25 * c.seeds)
         # 2 iterations of 10,000 agent steps, an update every 10 (classic-dqn): 2,000 rounds of 3 seeds' updates
         assert (config.iterations, config.agent.update_period) == (2, 10)
         rows = runner.plan(spec)
@@ -143,8 +143,8 @@ class TestHostEnvs:
                            "layers": [{"moe": "dense", "widths": [1, 2]}], "seeds": 2, "steps": 1000,
                            "set": {"iteration_steps": 1000}})
         timed = []
-        monkeypatch.setattr(autotune, "round_seconds",
-                            lambda c, layout, side_by_side: timed.append((c.env, layout, side_by_side)) or 0.01)
+        monkeypatch.setattr(autotune, "timing_program", lambda c, layout, updates, side_by_side:
+                            timed.append((c.env, layout, side_by_side)) or (lambda repeats: 0.01))
         rows = runner.plan(spec)
         timings = runner.estimate(spec, rows)
         assert [(t["groups"], t["cached"]) for t in timings] == [(3, False), (3, False)]
@@ -261,7 +261,7 @@ class TestCommandLine:
         from moescale.train import autotune
 
         _, path, out, _ = finished
-        monkeypatch.setattr(autotune, "round_seconds", lambda *a, **k: pytest.fail("a finished group was timed"))
+        monkeypatch.setattr(autotune, "timing_program", lambda *a, **k: pytest.fail("a finished group was timed"))
         assert main(["study", str(path), "--out", str(out), "--dry-run"]) == 0
         assert "2 run groups (0 to run)" in capsys.readouterr().out
 
@@ -297,7 +297,7 @@ class TestCommandLine:
         bigger.write_text(yaml.safe_dump(raw))
         trained = []
         monkeypatch.setattr(runner, "run_group", lambda group, *a, **k: trained.append(group.name) or "done")
-        monkeypatch.setattr(autotune, "round_seconds", lambda *a, **k: 0.01)
+        monkeypatch.setattr(autotune, "timing_program", lambda *a, **k: lambda repeats: 0.01)
         assert main(["study", str(bigger), "--out", str(out), "--dry-run", "--no-progress"]) == 0
         assert "3 run groups (1 to run)" in capsys.readouterr().out
         assert yaml.safe_load((out / "spec.yaml").read_text()) != raw  # a dry run writes nothing

@@ -118,9 +118,9 @@ def estimate(spec: StudySpec, rows: list[dict[str, Any]], progress: bool = False
             timings[key] = {"shape": group.name, "layout": layout, "seeds": config.seeds, "groups": 0,
                             "config": config}
         timings[key]["groups"] += 1
-    for timing in tqdm(timings.values(), desc="timing update rounds", unit="shape", disable=not progress):
-        timing["round_seconds"], timing["cached"] = autotune.timed_round_seconds(timing.pop("config"),
-                                                                                  timing["layout"])
+    found = autotune.timed_round_seconds([(t.pop("config"), t["layout"]) for t in timings.values()], progress)
+    for timing, (seconds, cached) in zip(timings.values(), found, strict=True):
+        timing["round_seconds"], timing["cached"] = seconds, cached
     for group, row in todo:
         config = group.config
         seconds = timings[(autotune.shape_key(config), config.seeds, _planned_layout(config))]["round_seconds"]

@@ -21,10 +21,12 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+from tqdm import tqdm
 
 from moescale.config import TrainConfig
 from moescale.train.rundir import device_name
@@ -35,7 +37,7 @@ CANDIDATES = ("vmap", "unroll")  # what `seed_layout: auto` chooses from
 VALUE_ONLY = ("learning_rate", "adam_eps", "gamma", "update_period", "target_update_period", "min_replay",
               "replay_capacity", "eps_start", "eps_end", "eps_decay_steps", "eps_eval", "priority_alpha",
               "priority_beta_start", "priority_beta_steps", "n_step")
-CACHE_VERSION = 1  # bumped when what is timed changes, so older entries are not used
+CACHE_VERSION = 2  # bumped when what is timed changes, so older entries are not used
 
 
 def cache_path() -> Path:
@@ -71,7 +73,10 @@ def _entry_key(config: TrainConfig, layout: str) -> str:
 
 # How each name `timed_round_seconds` takes is timed: the candidates of `auto` as the trainer runs them, and
 # "unroll, one seed x S", the cheaper timing a dry run makes of a shape whose layout is not chosen yet.
-TIMINGS = {"vmap": ("vmap", True), "unroll": ("unroll", True), "unroll, one seed x S": ("unroll", False)}
+# (layout, side_by_side, updates, repeats): the candidates take 4 updates x 4 calls, where 2 x 3 ranked 8 dense
+# minatar-dqn seeds' layouts either way from one timing to the next; the dry run's 2 x 3 keeps a study's plan quick.
+TIMINGS = {"vmap": ("vmap", True, 4, 3), "unroll": ("unroll", True, 4, 3),
+           "unroll, one seed x S": ("unroll", False, 2, 2)}
 
 
 def _read_cache(path: Path) -> dict[str, float]:
@@ -97,20 +102,32 @@ def cached_round_seconds(config: TrainConfig, layout: str) -> float | None:
     return _read_cache(cache_path()).get(_entry_key(config, layout))
 
 
-def timed_round_seconds(config: TrainConfig, layout: str) -> tuple[float, bool]:
-    """(seconds of one update round of every seed of the run in `layout`, a name of TIMINGS, whether it came
-    from the cache): measured with `round_seconds` and cached when this machine has not timed this shape, seed
-    count and layout before."""
-    found = cached_round_seconds(config, layout)
-    if found is not None:
-        return found, True
-    layout_name, side_by_side = TIMINGS[layout]
-    seconds = round_seconds(config, layout_name, side_by_side=side_by_side)
-    path = cache_path()
-    entries = _read_cache(path)  # read again: another process may have added entries meanwhile
-    entries[_entry_key(config, layout)] = seconds
-    _write_cache(path, entries)
-    return seconds, False
+def timed_round_seconds(requests: list[tuple[TrainConfig, str]], progress: bool = False) -> list[tuple[float, bool]]:
+    """For each (config, layout) asked, layout a name of TIMINGS: (seconds of one update round of every seed of
+    the run, whether it came from the cache). What this machine has not timed for that shape, seed count and
+    layout is measured and cached: the programs compile first, side by side on the host's cores (XLA compiles
+    each on one thread), then run one after another, so no timing shares the machine with other work."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    entries = _read_cache(cache_path())
+    keys = [_entry_key(config, layout) for config, layout in requests]
+    todo = {key: request for key, request in zip(keys, requests, strict=True) if key not in entries}
+    if todo:
+        def build(request: tuple[TrainConfig, str]) -> Any:
+            config, layout = request
+            layout_name, side_by_side, updates, _ = TIMINGS[layout]
+            return timing_program(config, layout_name, updates, side_by_side)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+            programs = list(pool.map(build, todo.values()))
+        found = {}
+        for key, (_, layout), measure in tqdm(list(zip(todo, todo.values(), programs, strict=True)),
+                                             desc="timing update rounds", unit="shape", disable=not progress):
+            found[key] = measure(TIMINGS[layout][3])
+        entries = _read_cache(cache_path())  # read again: another process may have added entries meanwhile
+        entries.update(found)
+        _write_cache(cache_path(), entries)
+    return [(entries[key], key not in todo) for key in keys]
 
 
 def choose_layout(config: TrainConfig, autotune: bool = True) -> tuple[str, dict[str, Any] | None]:
@@ -122,12 +139,10 @@ def choose_layout(config: TrainConfig, autotune: bool = True) -> tuple[str, dict
     """
     if config.seed_layout != "auto" or not autotune or config.seeds == 1:
         return resolve_seed_layout(config.seed_layout), None
-    timings, cached = {}, []
-    for layout in CANDIDATES:
-        timings[layout], hit = timed_round_seconds(config, layout)
-        cached.append(hit)
+    found = timed_round_seconds([(config, layout) for layout in CANDIDATES])
+    timings = {layout: seconds for layout, (seconds, _) in zip(CANDIDATES, found, strict=True)}
     chosen = min(CANDIDATES, key=timings.__getitem__)
-    return chosen, {"chosen": chosen, "round_seconds": timings, "cached": all(cached),
+    return chosen, {"chosen": chosen, "round_seconds": timings, "cached": all(hit for _, hit in found),
                     "timed": "one update of every seed, in a compiled loop of a few updates (moescale.train.autotune)"}
 
 
@@ -172,9 +187,16 @@ def _median_seconds(step: Any, state: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def round_seconds(config: TrainConfig, layout: str | None = None, updates: int = 2, repeats: int = 2,
+def round_seconds(config: TrainConfig, layout: str | None = None, updates: int = 4, repeats: int = 3,
                   side_by_side: bool = True) -> float:
-    """Median time of one update of every seed of the config's run, timed inside a compiled program of `updates`
+    """Median time of one update of every seed of the config's run over `repeats` calls of its `timing_program`."""
+    return timing_program(config, layout, updates, side_by_side)(repeats)
+
+
+def timing_program(config: TrainConfig, layout: str | None = None, updates: int = 4,
+                   side_by_side: bool = True) -> Callable[[int], float]:
+    """A compiled program timing one update of every seed of the config's run, and the function that runs it:
+    measure(repeats) -> the median seconds of a round over `repeats` calls. The program runs `updates`
     updates per seed in `layout` (default: the config's, `auto` resolved without timing). `vmap`: one loop of
     all seeds' updates, batched. `unroll`: one loop per seed in one program, as the trainer runs them, so XLA
     runs them side by side; side_by_side=False times one seed's loop and multiplies by the seeds instead (one
@@ -188,17 +210,19 @@ def round_seconds(config: TrainConfig, layout: str | None = None, updates: int =
 
     vmapped = resolve_seed_layout(layout or config.seed_layout) == "vmap"
     copies = config.seeds if not vmapped and side_by_side else 1  # loops in the program
-    width = config.seeds if vmapped else 1  # seeds each loop batches
+    width = config.seeds  # seeds the vmapped loop batches
     pool = 4
     agent, batches = _agent_and_batches(config, pool)
-    update = jax.vmap(agent.update, in_axes=(0, None, 0))
+    # vmap: the seeds batched, as the trainer's vmap layout runs them; unroll: one seed's update as it is (a
+    # vmap over one seed would batch its matmuls, which XLA:CPU runs differently)
+    update = jax.vmap(agent.update, in_axes=(0, None, 0)) if vmapped else agent.update
 
     def loop(states: tuple, batches: Any, key: jax.Array) -> tuple:
         def one(copy: int, state: Any) -> Any:
             def body(i: jax.Array, state: Any) -> Any:
                 batch = jax.tree.map(lambda b: b[i % pool], batches)
-                keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, copy), i), width)
-                return update(state, batch, keys)[0]
+                key_i = jax.random.fold_in(jax.random.fold_in(key, copy), i)
+                return update(state, batch, jax.random.split(key_i, width) if vmapped else key_i)[0]
 
             return jax.lax.fori_loop(0, updates, body, state)
 
@@ -206,11 +230,15 @@ def round_seconds(config: TrainConfig, layout: str | None = None, updates: int =
 
     def constant(leaf: jax.ShapeDtypeStruct) -> jax.Array:  # small nonzero values, zero counters
         fill = 0.01 if jnp.issubdtype(leaf.dtype, jnp.floating) else 0
-        return jnp.full((width, *leaf.shape), fill, leaf.dtype)
+        return jnp.full((width, *leaf.shape) if vmapped else leaf.shape, fill, leaf.dtype)
 
-    run = jax.jit(loop, donate_argnums=0)
     shapes = jax.eval_shape(agent.init, jax.random.key(0))
     states = tuple(jax.tree.map(constant, shapes) for _ in range(copies))
     key = jax.random.key(1)
-    seconds = _median_seconds(lambda states: run(states, batches, key), states, repeats)
-    return seconds / updates * (config.seeds if not vmapped and not side_by_side else 1)
+    run = jax.jit(loop, donate_argnums=0).lower(states, batches, key).compile()
+    per_round = updates / (config.seeds if not vmapped and not side_by_side else 1)
+
+    def measure(repeats: int) -> float:
+        return _median_seconds(lambda states: run(states, batches, key), states, repeats) / per_round
+
+    return measure

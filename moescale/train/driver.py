@@ -97,10 +97,16 @@ def drive(driver: Driver, out: Path, resume: bool, progress: bool, t_start: floa
         state.episodes = {r["seed"]: r["episodes"] for r in state.rows if r["iteration"] == state.iteration}
     step = state.iteration * config.iteration_steps
     logs = open_logs(config, out) if state.iteration < config.iterations else []
+    name = f"{config.env} {config.network.moe}"
+    bar = tqdm(total=config.iterations, initial=state.iteration, disable=not progress, unit="it",
+               desc=f"{name}: compiling {config.seeds} seed{'s' if config.seeds > 1 else ''}")
     try:
+        bar.refresh()  # say it now: compiling takes seconds to tens of seconds before the first iteration
         compile_seconds = driver.compile(step)
-        _loop(driver, out, state, step, progress, logs, t_start)
+        bar.set_description_str(name, refresh=False)
+        _loop(driver, out, state, step, bar, logs, t_start)
     finally:
+        bar.close()
         for log in logs:
             log.close()
     driver.finish()
@@ -110,12 +116,9 @@ def drive(driver: Driver, out: Path, resume: bool, progress: bool, t_start: floa
     return summary
 
 
-def _loop(driver: Driver, out: Path, state: _Progress, step: int, progress: bool, logs: list,
-          t_start: float) -> None:
+def _loop(driver: Driver, out: Path, state: _Progress, step: int, bar: tqdm, logs: list, t_start: float) -> None:
     """The iterations left: each trained, checked, measured, written, logged and checkpointed in turn."""
     config, ckpt_dir = driver.config, out / "checkpoints"
-    bar = tqdm(total=config.iterations, initial=state.iteration, disable=not progress, unit="it",
-               desc=f"{config.env} {config.network.moe}")
     while state.iteration < config.iterations:
         done = driver.iterate(step, state.iteration)
         state.iteration += 1
@@ -143,7 +146,6 @@ def _loop(driver: Driver, out: Path, state: _Progress, step: int, progress: bool
             driver.checkpoint(ckpt_dir, state.iteration, {"iteration": state.iteration, "wall_seconds": wall})
         bar.set_postfix(steps=f"{step:,}", sps=f"{sps:,.0f}", eval=f"{np.mean(done.eval_return):.1f}")
         bar.update(1)
-    bar.close()
 
 
 def _rows(config: TrainConfig, state: _Progress, done: Iteration, step: int, sps: float,
