@@ -96,6 +96,16 @@ class HostLoop:
         self.advance(max(0, self.acfg.min_replay - self.step))
         jax.block_until_ready((self.state, self.greedy(self.state.params, self.obs)))
 
+    def compile_ahead(self) -> None:
+        """Compile the greedy forward and the update now (their results are dropped), so that timing the loop
+        from its first step leaves compilation out, as the compiled trainer's summary does."""
+        acfg = self.acfg
+        zeros = LearnBatch(self.obs_buf[:acfg.batch_size], self.act_buf[:acfg.batch_size],
+                           self.rew_buf[:acfg.batch_size], self.rew_buf[:acfg.batch_size],
+                           self.next_buf[:acfg.batch_size], np.ones(acfg.batch_size, np.float32))
+        jax.block_until_ready((self.greedy(self.state.params, self.obs), self.update(self.state, zeros,
+                                                                                   self.noise_key)))
+
     def sps(self, steps: int) -> float:
         """Agent steps/s over `steps` more steps, the last update included."""
         jax.block_until_ready(self.state)

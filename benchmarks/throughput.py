@@ -24,6 +24,7 @@ updates are timed in turns too. A run SEEDS:LAYOUT:ENVS:DEVICES spreads its seed
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import statistics
 import sys
@@ -54,7 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 from moescale.config import CONV_IMPLS  # noqa: E402
 from moescale.presets import apply_overrides, get_preset  # noqa: E402
 from moescale.train.anakin import make_trainer, seed_keys  # noqa: E402
-from moescale.train.autotune import update_seconds  # noqa: E402
+from moescale.train.autotune import choose_layout, update_seconds  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_loop import HostLoop  # noqa: E402
@@ -97,6 +98,8 @@ def warmed_trainer(arch: str, seeds: int, layout: str, iteration_steps: int, tim
                  f"iteration_steps={iteration_steps}", "eval_episodes=1", "eval_max_steps=1",
                  f"steps={iteration_steps * (warm_up + timed)}", *sets]
     config = apply_overrides(get_preset("minatar-dqn"), overrides)
+    if layout == "auto":  # as `moescale train` chooses: timed on this machine (cached), or unroll for one seed
+        config = dataclasses.replace(config, seed_layout=choose_layout(config)[0])
     trainer = make_trainer(config)
     states = trainer.init(seed_keys(config))
     t0 = time.perf_counter()
@@ -130,7 +133,8 @@ def timed_rows(arch: str, runs: list[tuple[int, str, int, int]], convs: list[str
                 arch, seeds, layout, iteration_steps, repeats,
                 (f"num_envs={envs}", f"network.conv={conv}", f"devices={devices}"))
             timer = _timer(run, states, step, iteration_steps, seeds)
-            rows.append({"loop": f"compiled, {trainer.layout.name}", "arch": arch, "seeds": seeds, "envs": envs,
+            name = f"auto: {trainer.layout.name}" if layout == "auto" else trainer.layout.name
+            rows.append({"loop": f"compiled, {name}", "arch": arch, "seeds": seeds, "envs": envs,
                          "devices": devices, "conv": conv, "compile_s": compile_s, "time": timer, "rates": []})
     for _ in range(repeats):
         for row in rows:

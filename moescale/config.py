@@ -291,7 +291,8 @@ class TrainConfig:
     # design). "unroll": one copy of the per-seed program per seed, each seed's iteration its own loop in its
     # own buffers, which on CPU keeps a seed's weights in cache and lets XLA run seeds side by side (for 8
     # dense minatar-dqn seeds on 2 cores, 1.6x the vmap throughput; BENCHMARKS.md); compile time grows with
-    # the seed count. "auto": unroll on CPU, vmap on accelerators.
+    # the seed count. "auto": the faster of the two, timed on the machine at hand (moescale.train.autotune,
+    # cached per machine, network and seed count); without timing (--no-autotune) unroll on CPU, vmap elsewhere.
     seed_layout: str = "auto"
     # How many devices the seeds are spread over, each device running its share in the seed layout above (the
     # host trainer for Atari and gym: environments vmaps each device's share):

@@ -28,7 +28,8 @@ FIELD_DOCS: dict[str, str] = {
     "eval_episodes": "evaluation episodes per seed at the end of every iteration",
     "eval_max_steps": "step cap of an evaluation episode",
     "checkpoint_every": "iterations between checkpoints (the last iteration always writes one)",
-    "seed_layout": "how seeds share the program: vmap (batched), unroll (a copy per seed), auto (unroll on CPU)",
+    "seed_layout": "how seeds share the program: vmap (batched), unroll (a copy per seed), auto (the faster of "
+                   "the two timed on this machine, cached; --no-autotune: unroll on CPU, vmap elsewhere)",
     "devices": "devices the seeds are spread over; null: the most local devices that divide the seeds",
     "dataset": "offline training: a recorded dataset directory; null: learn from the environment",
     "dataset_subset": "offline: fraction of the recorded seed's transitions kept, in (0, 1]",

@@ -88,3 +88,14 @@ def test_a_run_records_the_choice_and_a_resume_keeps_it(cache, monkeypatch, tmp_
     assert train(run, tmp_path / "other", progress=False)["seed_layout"] == "vmap"  # this machine's cache
     monkeypatch.setenv("MOESCALE_CACHE_DIR", str(tmp_path / "another machine"))
     assert train(run, tmp_path / "third", progress=False)["seed_layout"] == "unroll"
+
+
+def test_the_progress_bar_says_when_the_program_compiles(cache, monkeypatch, tmp_path, capsys):
+    from moescale.train.run import train
+
+    fake_timings(monkeypatch, {"vmap": 0.001, "unroll": 0.002})
+    run = config("seeds=2", "steps=100", "iteration_steps=100", "agent.min_replay=50", "eval_episodes=1")
+    train(run, tmp_path / "run", progress=True)
+    err = capsys.readouterr().err
+    assert "seed layout (vmap, unroll; once per machine and network): compiling" in err
+    assert "CartPole-v1 dense: compiling 2 seeds" in err and "CartPole-v1 dense: 100%" in err

@@ -102,7 +102,8 @@ def cached_round_seconds(config: TrainConfig, layout: str) -> float | None:
     return _read_cache(cache_path()).get(_entry_key(config, layout))
 
 
-def timed_round_seconds(requests: list[tuple[TrainConfig, str]], progress: bool = False) -> list[tuple[float, bool]]:
+def timed_round_seconds(requests: list[tuple[TrainConfig, str]], progress: bool = False,
+                        label: str = "update rounds") -> list[tuple[float, bool]]:
     """For each (config, layout) asked, layout a name of TIMINGS: (seconds of one update round of every seed of
     the run, whether it came from the cache). What this machine has not timed for that shape, seed count and
     layout is measured and cached: the programs compile first, side by side on the host's cores (XLA compiles
@@ -118,28 +119,34 @@ def timed_round_seconds(requests: list[tuple[TrainConfig, str]], progress: bool 
             layout_name, side_by_side, updates, _ = TIMINGS[layout]
             return timing_program(config, layout_name, updates, side_by_side)
 
-        with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
-            programs = list(pool.map(build, todo.values()))
-        found = {}
-        for key, (_, layout), measure in tqdm(list(zip(todo, todo.values(), programs, strict=True)),
-                                             desc="timing update rounds", unit="shape", disable=not progress):
-            found[key] = measure(TIMINGS[layout][3])
+        with tqdm(total=len(todo), desc=f"{label}: compiling", unit="timing", disable=not progress) as bar:
+            bar.refresh()
+            with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+                programs = list(pool.map(build, todo.values()))
+            bar.set_description_str(f"{label}: timing")
+            found = {}
+            for key, (_, layout), measure in zip(todo, todo.values(), programs, strict=True):
+                found[key] = measure(TIMINGS[layout][3])
+                bar.update(1)
         entries = _read_cache(cache_path())  # read again: another process may have added entries meanwhile
         entries.update(found)
         _write_cache(cache_path(), entries)
     return [(entries[key], key not in todo) for key in keys]
 
 
-def choose_layout(config: TrainConfig, autotune: bool = True) -> tuple[str, dict[str, Any] | None]:
+def choose_layout(config: TrainConfig, autotune: bool = True, progress: bool = False
+                  ) -> tuple[str, dict[str, Any] | None]:
     """The seed layout the run uses, and what it was chosen from (None when nothing was timed).
 
     A layout the config names is used as it is. `auto` with autotune and more than one seed times one update
-    round in every candidate layout (cached per machine, shape and seed count) and takes the fastest; otherwise
+    round in every candidate layout (cached per machine, shape and seed count; `progress` shows a bar while it
+    times) and takes the fastest; otherwise
     `auto` is `unroll` on CPU and `vmap` on accelerators (moescale.train.seeds.resolve_seed_layout).
     """
     if config.seed_layout != "auto" or not autotune or config.seeds == 1:
         return resolve_seed_layout(config.seed_layout), None
-    found = timed_round_seconds([(config, layout) for layout in CANDIDATES])
+    found = timed_round_seconds([(config, layout) for layout in CANDIDATES], progress,
+                                f"seed layout ({', '.join(CANDIDATES)}; once per machine and network)")
     timings = {layout: seconds for layout, (seconds, _) in zip(CANDIDATES, found, strict=True)}
     chosen = min(CANDIDATES, key=timings.__getitem__)
     return chosen, {"chosen": chosen, "round_seconds": timings, "cached": all(hit for _, hit in found),

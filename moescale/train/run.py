@@ -65,7 +65,7 @@ def train_with_options(preset: str | None = None, env: str | None = None, moe: s
     """Train (or with resume=True go on with) a run into `out` and return its summary dict, as `moescale train`
     (this is moescale.train). Either `moescale train`'s options (moescale.presets.config_from_options; overrides
     a mapping of dotted keys to values or "key=value" strings) or a whole `config`; resume takes the run's stored
-    config and refuses both."""
+    config and refuses both. autotune=False: `seed_layout: auto` takes the untimed default (`--no-autotune`)."""
     if out is None:
         raise ValueError("out: required, the run directory")
     given = {k: v for k, v in dict(preset=preset, env=env, moe=moe, experts=experts, seeds=seeds, steps=steps,
@@ -125,13 +125,14 @@ def train(config: TrainConfig | None, out: Path, resume: bool = False, force: bo
     if not resume:
         config = prepare_run_dir(config, out, resume, force)
     t_start = time.perf_counter()
-    layout, tuning = _seed_layout(config, out, resume, autotune)
+    layout, tuning = _seed_layout(config, out, resume, autotune, progress)
     trainer = make_trainer(dataclasses.replace(config, seed_layout=layout), offline)
     driver = CompiledDriver(trainer, out, record_dataset, resume, tuning)
     return drive(driver, out, resume, progress, t_start)
 
 
-def _seed_layout(config: TrainConfig, out: Path, resume: bool, autotune: bool) -> tuple[str, dict[str, Any] | None]:
+def _seed_layout(config: TrainConfig, out: Path, resume: bool, autotune: bool,
+                 progress: bool) -> tuple[str, dict[str, Any] | None]:
     """The run's seed layout and what it was chosen from (moescale.train.autotune.choose_layout), kept in
     RUN_DIR/seed_layout.json: a resumed run reads it back, so it goes on in the layout it started with (the
     layouts agree only to float rounding)."""
@@ -141,7 +142,7 @@ def _seed_layout(config: TrainConfig, out: Path, resume: bool, autotune: bool) -
     if resume and record.exists():
         kept = json.loads(record.read_text())
         return kept["seed_layout"], kept["tuning"]
-    layout, tuning = choose_layout(config, autotune)
+    layout, tuning = choose_layout(config, autotune, progress)
     write_atomic(record, json.dumps({"seed_layout": layout, "tuning": tuning}, indent=2))
     return layout, tuning
 
