@@ -99,3 +99,18 @@ def test_the_progress_bar_says_when_the_program_compiles(cache, monkeypatch, tmp
     err = capsys.readouterr().err
     assert "seed layout (vmap, unroll; once per machine and network): compiling" in err
     assert "CartPole-v1 dense: compiling 2 seeds" in err and "CartPole-v1 dense: 100%" in err
+
+
+def test_a_run_from_before_the_record_resumes_untimed_and_a_damaged_record_says_so(cache, monkeypatch, tmp_path):
+    from moescale.train.run import RunError, raise_budget, train
+
+    timed = fake_timings(monkeypatch, {"vmap": 0.001, "unroll": 0.002})
+    run = config("seeds=2", "steps=100", "iteration_steps=100", "agent.min_replay=50", "eval_episodes=1")
+    train(run, tmp_path / "run", progress=False, autotune=False)
+    (tmp_path / "run" / "seed_layout.json").unlink()  # as a run made before the record was kept
+    raise_budget(tmp_path / "run", 200)
+    assert train(None, tmp_path / "run", resume=True, progress=False)["seed_layout"] == "unroll" and timed == []
+    raise_budget(tmp_path / "run", 300)
+    (tmp_path / "run" / "seed_layout.json").write_text('{"seed_layout": "diagonal"}')
+    with pytest.raises(RunError, match=r"seed_layout.json: unreadable .*'diagonal'.*--force"):
+        train(None, tmp_path / "run", resume=True, progress=False)

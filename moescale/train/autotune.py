@@ -2,10 +2,11 @@
 rounds a study's dry run estimates its time from.
 
 An update round is one gradient update of every seed of a run. It is timed inside a compiled loop of a few updates
-(`round_seconds`), in a seed layout: `vmap` batches all seeds' updates into one program; `unroll` runs each seed
-as its own loop, so one seed's loop is timed and multiplied by the seeds (on CPU one seed's program already keeps
-the cores busy: 8 seeds ran at about the one-seed rate, BENCHMARKS.md). On CPU the update is most of a compiled
-round (acting, stepping and storing a few percent), so the faster layout for the updates is the faster layout.
+(`timing_program`), in a seed layout as the trainer runs it: `vmap` batches all seeds' updates into one loop;
+`unroll` runs one loop per seed, side by side in one program. A dry run, which may have many shapes to time,
+times `unroll` more cheaply as one seed's loop times the seeds. On CPU the update is most of a compiled round
+(for 8 dense minatar-dqn seeds on 2 cores the timed update round was 93% of the whole round, acting included;
+BENCHMARKS.md), so the faster layout for the updates is the faster layout.
 
 Timings are cached in `cache_path()` (a JSON file under the user's cache directory, MOESCALE_CACHE_DIR overriding
 it), keyed by the machine (`machine_key`), the update's shape (`shape_key`: network, the agent fields that change
@@ -73,8 +74,9 @@ def _entry_key(config: TrainConfig, layout: str) -> str:
 
 # How each name `timed_round_seconds` takes is timed: the candidates of `auto` as the trainer runs them, and
 # "unroll, one seed x S", the cheaper timing a dry run makes of a shape whose layout is not chosen yet.
-# (layout, side_by_side, updates, repeats): the candidates take 4 updates x 4 calls, where 2 x 3 ranked 8 dense
-# minatar-dqn seeds' layouts either way from one timing to the next; the dry run's 2 x 3 keeps a study's plan quick.
+# (layout, side_by_side, updates, repeats): a candidate runs 4 updates a call, 1 + 3 calls (with 2 updates and
+# 1 + 2 calls, 8 dense minatar-dqn seeds' two layouts ranked either way from one timing to the next on 2 cores);
+# the dry run's 2 updates and 1 + 2 calls keep a study's plan quick.
 TIMINGS = {"vmap": ("vmap", True, 4, 3), "unroll": ("unroll", True, 4, 3),
            "unroll, one seed x S": ("unroll", False, 2, 2)}
 

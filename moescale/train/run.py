@@ -135,14 +135,22 @@ def _seed_layout(config: TrainConfig, out: Path, resume: bool, autotune: bool,
                  progress: bool) -> tuple[str, dict[str, Any] | None]:
     """The run's seed layout and what it was chosen from (moescale.train.autotune.choose_layout), kept in
     RUN_DIR/seed_layout.json: a resumed run reads it back, so it goes on in the layout it started with (the
-    layouts agree only to float rounding)."""
-    from moescale.train.autotune import choose_layout
+    layouts agree only to float rounding). A run from before the record existed resumes in the untimed default
+    its `auto` meant then."""
+    from moescale.train.autotune import CANDIDATES, choose_layout
 
     record = out / "seed_layout.json"
     if resume and record.exists():
-        kept = json.loads(record.read_text())
-        return kept["seed_layout"], kept["tuning"]
-    layout, tuning = choose_layout(config, autotune, progress)
+        try:
+            kept = json.loads(record.read_text())
+            if kept["seed_layout"] not in CANDIDATES:
+                raise ValueError(f"seed_layout {kept['seed_layout']!r} is not one of {', '.join(CANDIDATES)}")
+            return kept["seed_layout"], kept["tuning"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise RunError(f"{record}: unreadable ({err}); it records the seed layout the run began with: write "
+                           '{"seed_layout": "unroll", "tuning": null} (or "vmap") as its summary.json or metrics '
+                           "show, or start over with --force") from None
+    layout, tuning = choose_layout(config, autotune and not resume, progress)
     write_atomic(record, json.dumps({"seed_layout": layout, "tuning": tuning}, indent=2))
     return layout, tuning
 
