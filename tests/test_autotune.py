@@ -114,3 +114,11 @@ def test_a_run_from_before_the_record_resumes_untimed_and_a_damaged_record_says_
     (tmp_path / "run" / "seed_layout.json").write_text('{"seed_layout": "diagonal"}')
     with pytest.raises(RunError, match=r"seed_layout.json: unreadable .*'diagonal'.*--force"):
         train(None, tmp_path / "run", resume=True, progress=False)
+
+
+@pytest.mark.parametrize(("vmap", "chosen"), [(0.0095, "unroll"), (0.0090, "vmap")])
+def test_a_near_tie_keeps_the_untimed_default(cache, monkeypatch, vmap, chosen):
+    """On CPU the default is unroll; vmap replaces it only when it times at least MARGIN (10%) faster."""
+    fake_timings(monkeypatch, {"vmap": vmap, "unroll": 0.0100})
+    layout, tuning = autotune.choose_layout(config("seeds=4"))
+    assert (layout, tuning["chosen"]) == (chosen, chosen) and autotune.MARGIN == 1.1

@@ -137,7 +137,7 @@ def _planned_layout(config: TrainConfig) -> str:
     if config.seed_layout == "auto" and config.seeds > 1:
         cached = {c: autotune.cached_round_seconds(config, c) for c in autotune.CANDIDATES}
         if all(v is not None for v in cached.values()):
-            return min(cached, key=cached.__getitem__)
+            return autotune.pick_layout(cached)
     # Not chosen yet, or given: one seed's loop x the seeds (unroll; a cheaper timing that leaves out the seeds
     # running side by side), or vmap's batched loop.
     return "unroll, one seed x S" if layout == "unroll" else layout

@@ -34,6 +34,10 @@ from moescale.train.rundir import device_name
 from moescale.train.seeds import resolve_seed_layout
 
 CANDIDATES = ("vmap", "unroll")  # what `seed_layout: auto` chooses from
+# The other layout replaces the untimed default only when it times at least this much faster: two timings of 2
+# seeds' updates minutes apart on a busy 2-core machine ranked the layouts either way, and a run's results
+# depend on its layout (to float rounding), so a near tie keeps the default.
+MARGIN = 1.1
 # Agent fields that change the values an update computes with, not the work it does (kept out of shape_key).
 VALUE_ONLY = ("learning_rate", "adam_eps", "gamma", "update_period", "target_update_period", "min_replay",
               "replay_capacity", "eps_start", "eps_end", "eps_decay_steps", "eps_eval", "priority_alpha",
@@ -142,7 +146,7 @@ def choose_layout(config: TrainConfig, autotune: bool = True, progress: bool = F
 
     A layout the config names is used as it is. `auto` with autotune and more than one seed times one update
     round in every candidate layout (cached per machine, shape and seed count; `progress` shows a bar while it
-    times) and takes the fastest; otherwise
+    times) and takes the fastest, the untimed default unless another is MARGIN times faster; otherwise
     `auto` is `unroll` on CPU and `vmap` on accelerators (moescale.train.seeds.resolve_seed_layout).
     """
     if config.seed_layout != "auto" or not autotune or config.seeds == 1:
@@ -150,9 +154,17 @@ def choose_layout(config: TrainConfig, autotune: bool = True, progress: bool = F
     found = timed_round_seconds([(config, layout) for layout in CANDIDATES], progress,
                                 f"seed layout ({', '.join(CANDIDATES)}; once per machine and network)")
     timings = {layout: seconds for layout, (seconds, _) in zip(CANDIDATES, found, strict=True)}
-    chosen = min(CANDIDATES, key=timings.__getitem__)
+    chosen = pick_layout(timings)
     return chosen, {"chosen": chosen, "round_seconds": timings, "cached": all(hit for _, hit in found),
                     "timed": "one update of every seed, in a compiled loop of a few updates (moescale.train.autotune)"}
+
+
+def pick_layout(timings: dict[str, float]) -> str:
+    """The layout `auto` takes given each candidate's round seconds: the fastest, or the untimed default when
+    that is within MARGIN of it."""
+    default = resolve_seed_layout("auto")
+    fastest = min(timings, key=timings.__getitem__)
+    return fastest if timings[default] > MARGIN * timings[fastest] else default
 
 
 def _agent_and_batches(config: TrainConfig, count: int) -> tuple[Any, Any]:
