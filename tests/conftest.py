@@ -23,3 +23,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # moescale's own timing cache (moescale.train.autotune: the measured seed layout, a dry run's update timings) lives
 # in the session's temporary directory too, so tests neither read nor write the user's cache directory.
 os.environ.setdefault("MOESCALE_CACHE_DIR", os.path.join(_CACHE, "moescale"))
+# Runs in tests take the untimed seed layout (unroll on CPU), as with --no-autotune: the suite's runs check what
+# training does, and timing layouts for each of their networks would cost minutes on 2 cores while the tests share
+# them. tests/test_autotune.py turns it back on for the autotune's own tests.
+os.environ.setdefault("MOESCALE_AUTOTUNE", "0")

@@ -13,6 +13,7 @@ from moescale.train import autotune
 
 @pytest.fixture()
 def cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("MOESCALE_AUTOTUNE", raising=False)  # the suite's conftest turns it off for other tests
     monkeypatch.setenv("MOESCALE_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache" / "timings.json"
 
@@ -51,6 +52,9 @@ def test_given_layouts_one_seed_and_no_autotune_time_nothing(cache, monkeypatch)
     assert autotune.choose_layout(config("seeds=4", "seed_layout=unroll")) == ("unroll", None)
     assert autotune.choose_layout(config("seeds=1")) == ("unroll", None)  # CPU's default
     assert autotune.choose_layout(config("seeds=4"), autotune=False) == ("unroll", None)
+    for off in ("0", "off", "False"):
+        monkeypatch.setenv("MOESCALE_AUTOTUNE", off)
+        assert autotune.choose_layout(config("seeds=4")) == ("unroll", None)
     assert timed == [] and not cache.exists()
 
 

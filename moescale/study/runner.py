@@ -134,7 +134,7 @@ def _planned_layout(config: TrainConfig) -> str:
     from moescale.train import autotune
 
     layout = autotune.resolve_seed_layout(config.seed_layout)
-    if config.seed_layout == "auto" and config.seeds > 1:
+    if config.seed_layout == "auto" and config.seeds > 1 and autotune.enabled():
         cached = {c: autotune.cached_round_seconds(config, c) for c in autotune.CANDIDATES}
         if all(v is not None for v in cached.values()):
             return autotune.pick_layout(cached)

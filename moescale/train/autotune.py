@@ -140,16 +140,23 @@ def timed_round_seconds(requests: list[tuple[TrainConfig, str]], progress: bool 
     return [(entries[key], key not in todo) for key in keys]
 
 
+def enabled() -> bool:
+    """False when the environment variable MOESCALE_AUTOTUNE is 0, false, no or off: every run then takes the
+    untimed default, as with --no-autotune (machines shared with other work, where timings mislead)."""
+    return os.environ.get("MOESCALE_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def choose_layout(config: TrainConfig, autotune: bool = True, progress: bool = False
                   ) -> tuple[str, dict[str, Any] | None]:
     """The seed layout the run uses, and what it was chosen from (None when nothing was timed).
 
-    A layout the config names is used as it is. `auto` with autotune and more than one seed times one update
+    A layout the config names is used as it is. `auto` with autotune (and MOESCALE_AUTOTUNE not 0, see
+    `enabled`) and more than one seed times one update
     round in every candidate layout (cached per machine, shape and seed count; `progress` shows a bar while it
     times) and takes the fastest, the untimed default unless another is MARGIN times faster; otherwise
     `auto` is `unroll` on CPU and `vmap` on accelerators (moescale.train.seeds.resolve_seed_layout).
     """
-    if config.seed_layout != "auto" or not autotune or config.seeds == 1:
+    if config.seed_layout != "auto" or not autotune or not enabled() or config.seeds == 1:
         return resolve_seed_layout(config.seed_layout), None
     found = timed_round_seconds([(config, layout) for layout in CANDIDATES], progress,
                                 f"seed layout ({', '.join(CANDIDATES)}; once per machine and network)")
