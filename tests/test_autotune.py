@@ -66,8 +66,8 @@ def test_a_damaged_cache_is_timed_again(cache, monkeypatch):
     assert len(json.loads(cache.read_text())) == 2
 
 
-def test_the_two_timings_of_unroll_agree_in_kind():
-    """Timed for real: seeds side by side in one program, or one seed's loop times the seeds."""
+def test_both_timings_of_unroll_run_for_real():
+    """Compiled and timed, not faked: seeds side by side in one program, or one seed's loop times the seeds."""
     c = config("seeds=2")
     side_by_side = autotune.round_seconds(c, "unroll", updates=2, repeats=2)
     one_seed = autotune.round_seconds(c, "unroll", updates=2, repeats=2, side_by_side=False)
@@ -126,3 +126,13 @@ def test_a_near_tie_keeps_the_untimed_default(cache, monkeypatch, vmap, chosen):
     fake_timings(monkeypatch, {"vmap": vmap, "unroll": 0.0100})
     layout, tuning = autotune.choose_layout(config("seeds=4"))
     assert (layout, tuning["chosen"]) == (chosen, chosen) and autotune.MARGIN == 1.1
+
+
+def test_a_dry_run_times_the_layout_auto_chose_before(cache, monkeypatch):
+    fake_timings(monkeypatch, {"vmap": 0.001, "unroll": 0.002})
+    assert autotune.known_layout(config("seeds=4")) == "unroll, one seed x S"  # not chosen yet: the cheap timing
+    autotune.choose_layout(config("seeds=4"))
+    assert autotune.known_layout(config("seeds=4")) == "vmap"
+    assert autotune.known_layout(config("seeds=4", "seed_layout=vmap")) == "vmap"
+    monkeypatch.setenv("MOESCALE_AUTOTUNE", "0")  # off: runs take the untimed layout, so the dry run times that
+    assert autotune.known_layout(config("seeds=4")) == "unroll, one seed x S"

@@ -25,7 +25,6 @@ import yaml
 from tqdm import tqdm
 
 from moescale import checks
-from moescale.config import TrainConfig
 from moescale.study.spec import RunGroup, StudySpec
 from moescale.train.rundir import run_status as group_status
 
@@ -110,37 +109,22 @@ def estimate(spec: StudySpec, rows: list[dict[str, Any]], progress: bool = False
 
     todo = [(g, r) for g, r in zip(spec.groups, rows, strict=True) if r["status"] != "done"]
     timings: dict[tuple[str, int, str], dict[str, Any]] = {}
+    keys = []
     for group, _ in todo:
         config = group.config
-        layout = _planned_layout(config)
-        key = (autotune.shape_key(config), config.seeds, layout)
-        if key not in timings:
-            timings[key] = {"shape": group.name, "layout": layout, "seeds": config.seeds, "groups": 0,
-                            "config": config}
-        timings[key]["groups"] += 1
+        layout = autotune.known_layout(config)
+        keys.append((autotune.shape_key(config), config.seeds, layout))
+        timing = timings.setdefault(keys[-1], {"shape": group.name, "layout": layout, "seeds": config.seeds,
+                                               "groups": 0, "config": config})
+        timing["groups"] += 1
     found = autotune.timed_round_seconds([(t.pop("config"), t["layout"]) for t in timings.values()], progress)
     for timing, (seconds, cached) in zip(timings.values(), found, strict=True):
         timing["round_seconds"], timing["cached"] = seconds, cached
-    for group, row in todo:
+    for (group, row), key in zip(todo, keys, strict=True):
         config = group.config
-        seconds = timings[(autotune.shape_key(config), config.seeds, _planned_layout(config))]["round_seconds"]
-        row["estimate_s"] = config.iterations * config.iteration_steps // config.agent.update_period * seconds
+        row["estimate_s"] = (config.iterations * config.iteration_steps // config.agent.update_period
+                             * timings[key]["round_seconds"])
     return list(timings.values())
-
-
-def _planned_layout(config: TrainConfig) -> str:
-    """The seed layout a run of `config` will use as far as known without timing: the config's, or for `auto`
-    the layout its autotune chose before on this machine (cached), else the untimed default."""
-    from moescale.train import autotune
-
-    layout = autotune.resolve_seed_layout(config.seed_layout)
-    if config.seed_layout == "auto" and config.seeds > 1 and autotune.enabled():
-        cached = {c: autotune.cached_round_seconds(config, c) for c in autotune.CANDIDATES}
-        if all(v is not None for v in cached.values()):
-            return autotune.pick_layout(cached)
-    # Not chosen yet, or given: one seed's loop x the seeds (unroll; a cheaper timing that leaves out the seeds
-    # running side by side), or vmap's batched loop.
-    return "unroll, one seed x S" if layout == "unroll" else layout
 
 
 def _table(cols: list[str], cells: list[list[str]]) -> list[str]:

@@ -103,17 +103,12 @@ def _write_cache(path: Path, entries: dict[str, float]) -> None:
         tmp.replace(path)
 
 
-def cached_round_seconds(config: TrainConfig, layout: str) -> float | None:
-    """The cached round time of the config's run in `layout` on this machine, None when not timed yet."""
-    return _read_cache(cache_path()).get(_entry_key(config, layout))
-
-
 def timed_round_seconds(requests: list[tuple[TrainConfig, str]], progress: bool = False,
                         label: str = "update rounds") -> list[tuple[float, bool]]:
     """For each (config, layout) asked, layout a name of TIMINGS: (seconds of one update round of every seed of
     the run, whether it came from the cache). What this machine has not timed for that shape, seed count and
-    layout is measured and cached: the programs compile first, side by side on the host's cores (XLA compiles
-    each on one thread), then run one after another, so no timing shares the machine with other work."""
+    layout is measured and cached: the programs compile first, side by side on the host's cores, then run one
+    after another, so no timing shares the machine with other work."""
     from concurrent.futures import ThreadPoolExecutor
 
     entries = _read_cache(cache_path())
@@ -131,7 +126,7 @@ def timed_round_seconds(requests: list[tuple[TrainConfig, str]], progress: bool 
                 programs = list(pool.map(build, todo.values()))
             bar.set_description_str(f"{label}: timing")
             found = {}
-            for key, (_, layout), measure in zip(todo, todo.values(), programs, strict=True):
+            for (key, (_, layout)), measure in zip(todo.items(), programs, strict=True):
                 found[key] = measure(TIMINGS[layout][3])
                 bar.update(1)
         entries = _read_cache(cache_path())  # read again: another process may have added entries meanwhile
@@ -146,17 +141,22 @@ def enabled() -> bool:
     return os.environ.get("MOESCALE_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _tunes(config: TrainConfig, autotune: bool = True) -> bool:
+    """Whether a run of `config` times its layout: `auto`, more than one seed, autotune asked and not turned
+    off by MOESCALE_AUTOTUNE (see `enabled`)."""
+    return config.seed_layout == "auto" and config.seeds > 1 and autotune and enabled()
+
+
 def choose_layout(config: TrainConfig, autotune: bool = True, progress: bool = False
                   ) -> tuple[str, dict[str, Any] | None]:
     """The seed layout the run uses, and what it was chosen from (None when nothing was timed).
 
-    A layout the config names is used as it is. `auto` with autotune (and MOESCALE_AUTOTUNE not 0, see
-    `enabled`) and more than one seed times one update
-    round in every candidate layout (cached per machine, shape and seed count; `progress` shows a bar while it
-    times) and takes the fastest, the untimed default unless another is MARGIN times faster; otherwise
-    `auto` is `unroll` on CPU and `vmap` on accelerators (moescale.train.seeds.resolve_seed_layout).
+    A layout the config names is used as it is. `auto` (when `_tunes`) times one update round in every
+    candidate layout (cached per machine, shape and seed count; `progress` shows a bar while it times) and
+    takes the fastest, the untimed default unless another is MARGIN times faster; otherwise `auto` is `unroll`
+    on CPU and `vmap` on accelerators (moescale.train.seeds.resolve_seed_layout).
     """
-    if config.seed_layout != "auto" or not autotune or not enabled() or config.seeds == 1:
+    if not _tunes(config, autotune):
         return resolve_seed_layout(config.seed_layout), None
     found = timed_round_seconds([(config, layout) for layout in CANDIDATES], progress,
                                 f"seed layout ({', '.join(CANDIDATES)}; once per machine and network)")
@@ -172,6 +172,20 @@ def pick_layout(timings: dict[str, float]) -> str:
     default = resolve_seed_layout("auto")
     fastest = min(timings, key=timings.__getitem__)
     return fastest if timings[default] > MARGIN * timings[fastest] else default
+
+
+def known_layout(config: TrainConfig) -> str:
+    """The name of TIMINGS a dry run times a run of `config` under, without timing a layout choice: the layout
+    `auto` chose for it before on this machine (both candidates cached), else the layout it would take untimed,
+    `unroll` then timed as one seed's loop x the seeds (a cheaper timing that leaves out seeds running side by
+    side)."""
+    if _tunes(config):
+        entries = _read_cache(cache_path())
+        cached = {layout: entries.get(_entry_key(config, layout)) for layout in CANDIDATES}
+        if all(seconds is not None for seconds in cached.values()):
+            return pick_layout(cached)
+    layout = resolve_seed_layout(config.seed_layout)
+    return "unroll, one seed x S" if layout == "unroll" else layout
 
 
 def _agent_and_batches(config: TrainConfig, count: int) -> tuple[Any, Any]:
