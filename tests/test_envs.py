@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -364,3 +366,16 @@ def test_random_policy_returns_match_a_step_by_step_loop():
     np.testing.assert_allclose(got, returns)
     # the random policy's mean CartPole return is about 22 (mean over 100 episodes: 22.4)
     assert 15 < float(np.mean(random_policy_returns("CartPole-v1", episodes=100))) < 30
+
+
+def test_gymnax_import_defers_seaborn_until_used():
+    # gymnax's Pong imports seaborn (pandas, scipy.stats) for rendering only; moescale defers it, and seaborn still
+    # works when something reads it
+    code = ("import sys, moescale.envs.jax_envs\n"
+            "print('pandas' in sys.modules, 'scipy.stats' in sys.modules)\n"
+            "from gymnax.environments.misc import pong\n"
+            "print(len(pong.sns.color_palette('cubehelix', 3)), 'pandas' in sys.modules)\n"
+            "import seaborn\n"
+            "print(type(seaborn).__name__, seaborn is sys.modules['seaborn'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False", "3", "True", "module", "True"]

@@ -17,14 +17,36 @@ from __future__ import annotations
 
 import difflib
 import importlib.metadata
+import importlib.util
+import sys
+import types
 from typing import Any
 
 import flax.struct
-import gymnax
 import jax
 import jax.numpy as jnp
 
 from moescale import checks
+
+
+class _Deferred(types.ModuleType):
+    """Stands in sys.modules for a module until something reads one of its attributes, then imports it for real
+    and hands the attribute over (importlib.util.LazyLoader cannot do this: the import system reads a module's
+    __spec__ when it is imported again, which makes LazyLoader load it)."""
+
+    def __getattr__(self, attr: str) -> Any:
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), attr)
+
+
+def _defer(name: str) -> None:
+    if name not in sys.modules and importlib.util.find_spec(name) is not None:
+        sys.modules[name] = _Deferred(name)
+
+
+_defer("seaborn")
+import gymnax  # noqa: E402
 
 MINATAR_NAMES: tuple[str, ...] = (
     "Asterix-MinAtar",

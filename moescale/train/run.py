@@ -18,7 +18,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 
 from moescale.config import TrainConfig
 from moescale.data import DatasetWriter
@@ -265,6 +264,8 @@ def _list_summary(config: TrainConfig, games: dict[str, dict[str, Any]]) -> dict
     normalized = [v for g in games.values() for v in g.get("final_human_normalized", [])]
     finite = [v for v in normalized if math.isfinite(v)]
     first = next(iter(games.values()))
+    import scipy.stats  # here, not at the top: 1.5 s to import, and only a multi-game summary needs it
+
     return {
         "env": config.env, "preset": config.preset, "moe": config.network.moe, "experts": config.network.num_experts,
         "seeds": config.seeds, "agent_steps": first["agent_steps"],
