@@ -8,9 +8,19 @@ from typing import Any
 import numpy as np
 
 
+class RunError(Exception):
+    """A run (or study, or analysis) cannot start or go on; the message is one line for the user."""
+
+
 def fail(field: str, value: Any, allowed: str) -> None:
     """Raise ValueError('field=value: allowed')."""
     raise ValueError(f"{field}={value!r}: {allowed}")
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (yaml's, orbax's and the OS's span several), its type when it has none."""
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
 
 
 def is_int(value: Any) -> bool:

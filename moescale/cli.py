@@ -2,13 +2,15 @@
 `moescale report DIR`, `moescale analyze RUN...`, `moescale diagnose [RUN]`, `moescale config`, `moescale bench
 implicit-bias`.
 
-Bad input exits with code 2 and a one-line message; nothing in an existing run directory is overwritten
-unless --resume or --force says so.
+Bad input, and files moescale wrote that no longer read back, exit with code 2 and a one-line message naming the
+field or file; nothing in an existing run directory is overwritten unless --resume or --force says so. An
+unexpected error is one line too, exit 1; --debug (anywhere on the line) shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -239,9 +241,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from moescale.analysis.analyze import AnalysisError, analyze_run, expert_subset_eval, plot_metrics, short_labels
+    from moescale.train.rundir import check_out_dir
 
     if len(args.runs) > 1 and args.out is None:
         raise ValueError("--out: required with several runs (the directory of the comparison figure)")
+    if args.out is not None:
+        check_out_dir("--out", args.out)
     for name, value in (("--batch", args.batch), ("--episodes", args.episodes)):
         if value is not None and value < 1:
             raise ValueError(f"{name}={value}: must be a positive int")
@@ -276,7 +281,9 @@ def _format_subsets(found: dict) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from moescale.analysis.implicit_bias import run_implicit_bias
+    from moescale.train.rundir import check_out_dir
 
+    check_out_dir("--out", args.out)
     run_implicit_bias(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
     print(f"implicit-bias results -> {args.out / 'implicit_bias.md'}")
     return 0
@@ -288,8 +295,12 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
     given = [f"--{name}" for name in ("preset", "env", "moe", "experts", "seeds", "set")
              if getattr(args, name) not in (None, [])]
+    from moescale.train.rundir import check_out_dir
+
     if args.states < 2:
         raise ValueError(f"--states={args.states}: must be an int >= 2 (sensitivities are variances over states)")
+    out = args.out if args.out is not None else (args.run if args.run is not None else Path.cwd())
+    check_out_dir("--out", out)
     if args.run is not None:
         if given:
             raise ValueError(f"RUN_DIR: the run's own config is diagnosed; {', '.join(given)} cannot change it")
@@ -301,7 +312,6 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         config = _build_config(args)
         _check_env(config)
         found = diagnose_config(config, args.states)
-    out = args.out if args.out is not None else (args.run if args.run is not None else Path.cwd())
     print(format_diagnosis(found))
     print(f"\n-> {write_diagnosis(found, out)}")
     return 0
@@ -369,14 +379,57 @@ def main(argv: list[str] | None = None) -> int:
     _analysis_parsers(sub)
     _diagnose_parser(sub)
     _config_parser(sub)
+    debug_help = "show the traceback of an unexpected error (without it: one line)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    for command in sub.choices.values():  # SUPPRESS: `moescale --debug train` is not undone by train's default
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     args = parser.parse_args(argv)
+    handler = {"train": cmd_train, "presets": cmd_presets, "study": cmd_study, "results": cmd_results,
+               "report": cmd_report, "analyze": cmd_analyze, "bench": cmd_bench,
+               "diagnose": cmd_diagnose, "config": cmd_config}[args.command]
+    return _run_reporting_errors(handler, args)
+
+
+def _run_reporting_errors(handler, args: argparse.Namespace) -> int:
+    """handler(args), its errors one line on stderr: bad input, damaged files and OS errors (a full disk, a
+    path that cannot be written) exit 2, anything else 1; --debug raises instead (the traceback)."""
+    from moescale.checks import RunError, one_line
+
+    prefix = f"moescale {args.command}"
     try:
-        return {"train": cmd_train, "presets": cmd_presets, "study": cmd_study, "results": cmd_results,
-                "report": cmd_report, "analyze": cmd_analyze, "bench": cmd_bench,
-                "diagnose": cmd_diagnose, "config": cmd_config}[args.command](args)
-    except ValueError as e:
-        print(f"moescale {args.command}: {e}", file=sys.stderr)
-        return 2
+        return handler(args)
+    except Exception as err:
+        if args.debug:
+            raise
+        if isinstance(err, ValueError | RunError):
+            print(f"{prefix}: {one_line(err)}", file=sys.stderr)
+            return 2
+        if isinstance(err, OSError):
+            print(f"{prefix}: {_os_error(err, args)}", file=sys.stderr)
+            return 2
+        print(f"{prefix}: unexpected error: {type(err).__name__}: {one_line(err)} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _os_error(err: OSError, args: argparse.Namespace) -> str:
+    """An OS error in one line: the file (else the directory being written) and what went wrong, and for a full
+    disk how to go on."""
+    from moescale.checks import one_line
+
+    target = err.filename or getattr(args, "resume", None) or getattr(args, "out", None)
+    where = f"{target}: " if target else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        again = {"train": f"moescale train --resume {getattr(args, 'resume', None) or getattr(args, 'out', '')}",
+                 "study": "the same command (the study resumes)"}.get(args.command, "the same command")
+        return (f"{where}{err.strerror or 'No space left on device'}; free some, then run {again} (a run goes "
+                "on from its newest checkpoint, whose files are verified)")
+    return f"{where}{err.strerror or one_line(err)}"
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ RANDOM_PHI_MODES = ("redraw", "frozen")
 ROUTER_INITS = ("lecun", "xavier")  # moescale.layers.sparse.router_initializer
 ROUTER_NOISE_SCALES = ("per_expert", "absolute")
 MOE_LAYERS = ("softmoe", "topk", "expert_choice")
+MAX_SEED = 2**62  # the largest run seed: room below 2**63 for the offsets added to it
+
 # What a config.yaml written before these fields existed meant: a stored run reads back with these values where
 # the field is missing, so it resumes and analyses as it trained (moescale.train.run.load_run_config).
 LEGACY_NETWORK_DEFAULTS = {"phi_init": "lecun_d", "random_phi_mode": "frozen", "router_init": "xavier",
@@ -321,6 +323,8 @@ class TrainConfig:
                      "checkpoint_every"):
             checks.positive_int(name, getattr(self, name))
         checks.int_at_least("seed", self.seed, 0)
+        if self.seed > MAX_SEED:  # PRNG keys take 64-bit seeds, and offsets (seed + s, evaluation, analysis) are added
+            checks.fail("seed", self.seed, "must be an int in [0, 2**62]")
         checks.int_at_least("analysis_every", self.analysis_every, 0)
         checks.positive_int("analysis_batch", self.analysis_batch)
         if (not isinstance(self.log, tuple) or len(set(self.log)) != len(self.log)

@@ -25,7 +25,9 @@ import yaml
 from tqdm import tqdm
 
 from moescale import checks
+from moescale.checks import RunError
 from moescale.study.spec import RunGroup, StudySpec
+from moescale.train.rundir import check_out_dir, read_json
 from moescale.train.rundir import run_status as group_status
 
 STATUSES = ("pending", "started", "interrupted", "failed", "done")
@@ -43,12 +45,16 @@ def prepare_study_dir(spec: StudySpec, out: Path, write: bool = True) -> None:
     write=False (a dry run) nothing is written."""
     record = out / "study.json"
     if record.exists():
-        old = json.loads(record.read_text())
+        old = read_json(record, "it records the study's run groups: restore it, or give another --out")
+        if not isinstance(old, dict):
+            raise RunError(f"{record}: damaged (not a JSON object); it records the study's run groups: restore it, "
+                           "or give another --out")
         if old.get("fingerprint") != spec.fingerprint():
             _check_extends(spec, out, old)
             if write:
                 _write_study_files(spec, out)
         return
+    check_out_dir("--out", out)
     if out.exists() and any(out.iterdir()):
         checks.fail("--out", str(out), "holds other files, not a study; give an empty or new directory")
     if write:

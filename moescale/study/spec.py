@@ -220,6 +220,6 @@ def load_spec(path: str | Path) -> StudySpec:
         checks.fail("spec", str(path), "no such file")
     try:
         raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        checks.fail("spec", str(path), f"is not valid YAML ({str(err).splitlines()[0]})")
+    except (OSError, ValueError, yaml.YAMLError) as err:  # ValueError: bytes that are not UTF-8
+        checks.fail("spec", str(path), f"is not readable YAML ({checks.one_line(err)})")
     return parse_spec(raw)

@@ -8,7 +8,14 @@ Layout of one checkpoint, `run_dir/ckpt_{step:08d}/`:
     meta.json       the caller's metadata dict
     host/           optional host arrays (name.npy), e.g. the Atari trainer's frame replay: loaded with numpy
                     (load_host_arrays), never placed on a device
-    COMPLETE        marker, written last
+    COMPLETE        marker, written last: the step, and the size and CRC-32 of every other file as written
+
+Damage: a file of a checkpoint truncated, garbled or deleted after it was written (a disk or copy gone wrong, a
+hand edit) no longer matches the sizes and checksums in its marker. `checkpoint_problems` names such files and
+`load_checkpoint` verifies before it reads, so no damaged file reaches orbax (which fails deep in tensorstore,
+or reads garbage); a resume skips a damaged checkpoint for the newest intact one (moescale.train.driver).
+Checkpoints written before the marker recorded files are verified by loading them: any failure then counts as
+damage.
 
 Crash safety: everything is written into a temporary directory `.tmp_ckpt_*`, every file and directory in
 it is fsynced, the marker is written, and only then is the directory renamed to its final name (an atomic
@@ -32,11 +39,14 @@ stored shapes and dtypes rather than refusing a mismatch with `like`. orbax stil
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +65,11 @@ _TRASH_PREFIX = ".trash_ckpt_"
 _ARRAYS = "arrays"
 _HOST = "host"
 _HOST_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_DAMAGED_PREFIX = "damaged_"  # a damaged checkpoint set aside (kept to look at, never loaded)
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint's files differ from what was written; the message is one line naming them."""
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -104,6 +119,24 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _file_records(root: Path) -> dict[str, list[int]]:
+    """{relative path: [bytes, CRC-32]} of every file under root."""
+    records = {}
+    for dirpath, _, filenames in os.walk(root):
+        for filename in filenames:
+            path = Path(dirpath) / filename
+            records[path.relative_to(root).as_posix()] = [path.stat().st_size, _crc32(path)]
+    return dict(sorted(records.items()))
+
+
 def _remove(path: Path) -> None:
     """Delete a directory by renaming it to a trash name first, so no half-deleted ckpt_* ever exists."""
     trash = Path(tempfile.mkdtemp(prefix=_TRASH_PREFIX, dir=path.parent))
@@ -141,17 +174,31 @@ def _meta_json(meta: Any) -> str:
     return text
 
 
+@contextlib.contextmanager
+def _orbax_quiet() -> Any:
+    """orbax logs a failure in its background threads (a full disk, a damaged file) with a traceback through
+    the absl logger before it raises the same error to its caller; moescale reports that error once, in a line."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _write_arrays(directory: Path, leaves: list[Any]) -> None:
     # Typed keys go in as their uint32 key data: the format then does not depend on orbax's key support.
     tree = {f"leaf_{i:06d}": jax.random.key_data(x) if _is_key(x) else x for i, x in enumerate(leaves)}
     if not tree:
         return
     checkpointer = ocp.StandardCheckpointer()
-    try:
-        checkpointer.save(directory, tree)
-        checkpointer.wait_until_finished()
-    finally:
-        checkpointer.close()
+    with _orbax_quiet():
+        try:
+            checkpointer.save(directory, tree)
+            checkpointer.wait_until_finished()
+        finally:
+            checkpointer.close()
 
 
 def _check_like(stored: list[dict[str, Any]], wanted: list[dict[str, Any]]) -> None:
@@ -220,7 +267,7 @@ def save_checkpoint(run_dir: Path, step: int, state: Any, meta: dict, keep: int 
         _write_json(tmp / "manifest.json", {"format": FORMAT, "step": step, "leaves": specs})
         (tmp / "meta.json").write_text(meta_text)
         _fsync_tree(tmp)
-        _write_json(tmp / MARKER, {"step": step})
+        _write_json(tmp / MARKER, {"step": step, "files": _file_records(tmp)})
         _fsync(tmp)
         if final.exists():
             # Same step saved again (or a stray incomplete dir): between these two renames the step is absent,
@@ -238,9 +285,55 @@ def save_checkpoint(run_dir: Path, step: int, state: Any, meta: dict, keep: int 
 
 
 def latest_checkpoint(run_dir: Path) -> int | None:
-    """Step of the newest complete checkpoint in run_dir (temporaries and dirs without a marker ignored)."""
+    """Step of the newest complete checkpoint in run_dir (temporaries and dirs without a marker ignored; its files
+    are not verified here: see checkpoint_problems)."""
     steps = _complete_steps(Path(run_dir))
     return steps[-1] if steps else None
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints in run_dir, ascending (files not verified)."""
+    return _complete_steps(Path(run_dir))
+
+
+def checkpoint_problems(run_dir: Path, step: int) -> list[str]:
+    """What differs between checkpoint `step`'s files and what was written, one phrase per file (empty: intact,
+    or written before markers recorded files, which only loading can tell)."""
+    path = _ckpt_path(Path(run_dir), step)
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        files = marker.get("files") if isinstance(marker, dict) else None
+    except (OSError, ValueError) as err:
+        return [f"{MARKER}: unreadable ({checks.one_line(err)})"]
+    if files is None:
+        return []
+    problems = []
+    for name, (size, crc) in files.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name}: missing")
+        elif file.stat().st_size != size:
+            problems.append(f"{name}: {file.stat().st_size:,} bytes, {size:,} written")
+        elif _crc32(file) != crc:
+            problems.append(f"{name}: contents changed since written (CRC-32)")
+    return problems
+
+
+def _damaged(path: Path, problems: list[str]) -> DamagedCheckpoint:
+    more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+    return DamagedCheckpoint(f"{path}: damaged: {'; '.join(problems[:2])}{more}")
+
+
+def set_aside(run_dir: Path, step: int) -> Path:
+    """Rename damaged checkpoint `step` to damaged_ckpt_* (kept to look at, never loaded again, no longer in the
+    way of the checkpoints a resumed run writes); returns its new path."""
+    path = _ckpt_path(Path(run_dir), step)
+    aside = path.with_name(_DAMAGED_PREFIX + path.name)
+    if aside.exists():
+        _remove(aside)
+    os.rename(path, aside)
+    _fsync(Path(run_dir))
+    return aside
 
 
 def load_host_arrays(run_dir: Path, step: int) -> dict[str, np.ndarray]:
@@ -250,7 +343,10 @@ def load_host_arrays(run_dir: Path, step: int) -> dict[str, np.ndarray]:
         checks.fail("step", step, f"no complete checkpoint in {run_dir}")
     if not (path / _HOST).is_dir():
         return {}
-    return {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in sorted((path / _HOST).glob("*.npy"))}
+    try:
+        return {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in sorted((path / _HOST).glob("*.npy"))}
+    except (OSError, ValueError) as err:  # only checkpoints older than the marker's file records get here
+        raise _damaged(path, [checks.one_line(err)]) from None
 
 
 def load_checkpoint(run_dir: Path, step: int, like: Any) -> tuple[Any, dict]:
@@ -258,14 +354,22 @@ def load_checkpoint(run_dir: Path, step: int, like: Any) -> tuple[Any, dict]:
 
     `like` gives the pytree structure, shapes and dtypes (a fresh state, or jax.eval_shape of one); leaves
     are placed with like's shardings where it has them, else on the first local device. A structure, shape
-    or dtype that differs from what was saved raises ValueError.
+    or dtype that differs from what was saved raises ValueError; files that differ from what was written (or, in
+    checkpoints older than the marker's file records, that fail to load) raise DamagedCheckpoint.
     """
     run_dir = Path(run_dir).absolute()  # orbax refuses relative paths
     checks.int_at_least("step", step, 0)
     path = _ckpt_path(run_dir, step)
     if not (path / MARKER).is_file():
         checks.fail("step", step, f"no complete checkpoint in {run_dir} (complete: {_complete_steps(run_dir)})")
-    manifest = json.loads((path / "manifest.json").read_text())
+    problems = checkpoint_problems(run_dir, step)
+    if problems:
+        raise _damaged(path, problems)
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as err:
+        raise _damaged(path, [checks.one_line(err)]) from None
     if manifest.get("format") != FORMAT:
         checks.fail("format", manifest.get("format"), f"{path} must be a {FORMAT} checkpoint")
     stored = manifest["leaves"]
@@ -276,10 +380,13 @@ def load_checkpoint(run_dir: Path, step: int, like: Any) -> tuple[Any, dict]:
     arrays = {}
     if targets:
         checkpointer = ocp.StandardCheckpointer()
-        try:
-            arrays = checkpointer.restore(path / _ARRAYS, targets)
-        finally:
-            checkpointer.close()
+        with _orbax_quiet():
+            try:
+                arrays = checkpointer.restore(path / _ARRAYS, targets)
+            except Exception as err:  # only checkpoints older than the marker's file records get here damaged
+                raise _damaged(path, [f"arrays: {checks.one_line(err)}"]) from None
+            finally:
+                checkpointer.close()
 
     leaves = []
     for i, (like_leaf, spec) in enumerate(zip(like_leaves, stored, strict=True)):
@@ -289,5 +396,4 @@ def load_checkpoint(run_dir: Path, step: int, like: Any) -> tuple[Any, dict]:
             if getattr(like_leaf, "sharding", None) is not None:
                 leaf = jax.device_put(leaf, like_leaf.sharding)
         leaves.append(leaf)
-    meta = json.loads((path / "meta.json").read_text())
     return jax.tree_util.tree_unflatten(treedef, leaves), meta

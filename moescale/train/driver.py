@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from moescale.config import TrainConfig
-from moescale.train.checkpoint import latest_checkpoint
+from moescale.train.checkpoint import DamagedCheckpoint, checkpoint_steps, set_aside
 from moescale.train.live import open_logs
 from moescale.train.rundir import RunError, device_name, read_rows, versions, write_summary, write_tables
 from moescale.train.snapshots import save_snapshot
@@ -62,7 +63,7 @@ class Driver(Protocol):
         """Whatever follows the metric tables of an iteration (the compiled trainer records its dataset)."""
 
     def checkpoint(self, ckpt_dir: Path, iteration: int, meta: dict[str, Any]) -> None:
-        """Write checkpoint `iteration` with `meta` (iteration, wall_seconds)."""
+        """Write checkpoint `iteration` with `meta` (iteration, wall_seconds, the metric rows so far)."""
 
     def finish(self) -> None:
         """Close what the run kept open, once its last iteration is done (before summary.json)."""
@@ -85,16 +86,18 @@ class _Progress:
 
 
 def drive(driver: Driver, out: Path, resume: bool, progress: bool, t_start: float) -> dict[str, Any]:
-    """Run (or resume from its newest checkpoint) the driver's run into the prepared run directory `out`, then
-    write and return summary.json. t_start: when the run's set-up began (its wall time counts from there)."""
+    """Run (or resume from its newest intact checkpoint, see `_restore`) the driver's run into the prepared run
+    directory `out`, then write and return summary.json. t_start: when the run's set-up began (its wall time
+    counts from there)."""
     config = driver.config
-    ckpt_dir = out / "checkpoints"
     state = _Progress([], 0, 0.0, {})
-    if resume:
-        meta = driver.restore(ckpt_dir, latest_checkpoint(ckpt_dir))
+    meta = _restore(driver, out) if resume else None
+    if meta is not None:
         state.iteration, state.prior_wall = meta["iteration"], meta["wall_seconds"]
-        state.rows = read_rows(out / "metrics.csv", state.iteration)
+        state.rows = meta["rows"] if "rows" in meta else _rows_on_disk(out, state.iteration, config.seeds)
         state.episodes = {r["seed"]: r["episodes"] for r in state.rows if r["iteration"] == state.iteration}
+    if resume:  # the tables then hold exactly the rows the checkpoint vouches for (none without one)
+        write_tables(out, state.rows)
     step = state.iteration * config.iteration_steps
     logs = open_logs(config, out) if state.iteration < config.iterations else []
     name = f"{config.env} {config.network.moe}"
@@ -114,6 +117,47 @@ def drive(driver: Driver, out: Path, resume: bool, progress: bool, t_start: floa
     summary = _summary(driver, state.rows, compile_seconds, sps, state.prior_wall + time.perf_counter() - t_start)
     write_summary(out, summary)
     return summary
+
+
+def _restore(driver: Driver, out: Path) -> dict[str, Any] | None:
+    """Load the newest checkpoint whose files are intact into the driver and return its meta. A damaged newer
+    one is set aside (damaged_ckpt_*), with a one-line warning. None: the run has no checkpoint (it was stopped
+    before its first), so it starts over from its config. RunError, naming the damage, when every checkpoint
+    is damaged."""
+    ckpt_dir, damaged = out / "checkpoints", []
+    for step in reversed(checkpoint_steps(ckpt_dir)):
+        try:
+            meta = driver.restore(ckpt_dir, step)
+        except DamagedCheckpoint as err:
+            damaged.append((step, str(err)))
+            continue
+        for bad, problem in damaged:
+            aside = set_aside(ckpt_dir, bad)
+            print(f"moescale: warning: {problem}; resuming from checkpoint {step} instead (the damaged one is kept "
+                  f"as {aside.name})", file=sys.stderr, flush=True)
+        return meta
+    if damaged:
+        raise RunError(f"--resume {out}: every checkpoint is damaged ({'; '.join(p for _, p in damaged)}); to "
+                       f"start the run over from its config.yaml move {ckpt_dir} away and --resume again, or "
+                       "replace the run with --force")
+    return None
+
+
+def _rows_on_disk(out: Path, iteration: int, seeds: int) -> list[dict[str, Any]]:
+    """The metric rows up to `iteration` from metrics.csv, for checkpoints written before they held the rows
+    themselves; RunError when the file cannot give every one of them."""
+    path = out / "metrics.csv"
+    try:
+        rows = read_rows(path, iteration)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise RunError(f"{path}: unreadable ({err}); the run's checkpoints predate the copy of the metric rows "
+                       "they hold now, so the rows cannot be rebuilt: start over with --force") from None
+    if sorted((r["iteration"], r["seed"]) for r in rows) != [(i, s) for i in range(1, iteration + 1)
+                                                             for s in range(seeds)]:
+        raise RunError(f"{path}: holds {len(rows)} rows, not the {iteration * seeds} of the {iteration} iterations "
+                       "the newest checkpoint holds; its checkpoints predate the copy of the metric rows they hold "
+                       "now, so the rows cannot be rebuilt: start over with --force")
+    return rows
 
 
 def _loop(driver: Driver, out: Path, state: _Progress, step: int, bar: tqdm, logs: list, t_start: float) -> None:
@@ -143,7 +187,8 @@ def _loop(driver: Driver, out: Path, state: _Progress, step: int, bar: tqdm, log
             log.write(new_rows)
         driver.after_tables(state.iteration)
         if state.iteration % config.checkpoint_every == 0 or state.iteration == config.iterations:
-            driver.checkpoint(ckpt_dir, state.iteration, {"iteration": state.iteration, "wall_seconds": wall})
+            driver.checkpoint(ckpt_dir, state.iteration,
+                              {"iteration": state.iteration, "wall_seconds": wall, "rows": state.rows})
         bar.set_postfix(steps=f"{step:,}", sps=f"{sps:,.0f}", eval=f"{np.mean(done.eval_return):.1f}")
         bar.update(1)
 

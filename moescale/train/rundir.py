@@ -28,6 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from moescale import checks
+from moescale.checks import RunError
 from moescale.config import LEGACY_NETWORK_DEFAULTS, TrainConfig
 from moescale.train.checkpoint import latest_checkpoint
 
@@ -36,20 +38,43 @@ ROW_FIELDS = ("iteration", "seed", "agent_steps", "episodes", "train_return", "e
 INT_FIELDS = ("iteration", "seed", "agent_steps", "episodes")
 
 
-class RunError(Exception):
-    """A run cannot start or go on; the message is one line for the user."""
-
-
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
 
 
+def damaged(path: Path, err: BaseException, remedy: str) -> RunError:
+    """The one-line error for a file moescale wrote that no longer reads back."""
+    return RunError(f"{path}: damaged or unreadable ({checks.one_line(err)}); {remedy}")
+
+
+def read_yaml(path: Path, remedy: str) -> Any:
+    """A YAML file moescale wrote, parsed; RunError naming it (and `remedy`) when it does not read back."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as err:  # ValueError: UnicodeDecodeError
+        raise damaged(path, err, remedy) from None
+
+
+def read_json(path: Path, remedy: str) -> Any:
+    """A JSON file moescale wrote, parsed; RunError naming it (and `remedy`) when it does not read back."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise damaged(path, err, remedy) from None
+
+
 def load_run_config(out: Path) -> TrainConfig:
     """The resolved config a run directory was started with; network fields it predates take the values the run
-    trained with (LEGACY_NETWORK_DEFAULTS), not today's defaults."""
-    return TrainConfig.from_dict(with_legacy_defaults(yaml.safe_load((out / "config.yaml").read_text())))
+    trained with (LEGACY_NETWORK_DEFAULTS), not today's defaults. RunError naming config.yaml when it is damaged."""
+    path = out / "config.yaml"
+    remedy = "the run's config is lost with it: start over with --force, or restore the file"
+    stored = read_yaml(path, remedy)
+    try:
+        return TrainConfig.from_dict(with_legacy_defaults(stored))
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise damaged(path, err, remedy) from None
 
 
 def with_legacy_defaults(stored: Any) -> Any:
@@ -60,20 +85,43 @@ def with_legacy_defaults(stored: Any) -> Any:
 
 
 def no_checkpoint(out: Path) -> RunError:
-    return RunError(f"--resume {out}: no checkpoint there to resume from")
+    return RunError(f"--resume {out}: no run there to resume (no config.yaml)")
 
 
 def resumable_config(out: Path) -> TrainConfig:
-    """The stored config of the run in `out`, which must have a checkpoint to resume from (else RunError)."""
-    if not (out / "config.yaml").exists() or latest_checkpoint(out / "checkpoints") is None:
+    """The stored config of the run in `out` (RunError when there is none). A run with no checkpoint yet resumes
+    by starting over from it."""
+    if not (out / "config.yaml").exists():
         raise no_checkpoint(out)
     return load_run_config(out)
+
+
+def check_out_dir(flag: str, out: Path) -> None:
+    """RunError, before anything is written, when `out` cannot be a directory moescale writes into: it is a file,
+    lies under one, has a name longer than its filesystem allows, or its nearest existing folder is read-only."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{flag} {out}: is a file, not a directory (give a directory)")
+    existing = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise RunError(f"{flag} {out}: {existing} is a file, so nothing can be created under it")
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for part in out.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise RunError(f"{flag} {out}: the name {part[:24]}... is {len(os.fsencode(part))} bytes, over the "
+                           f"{name_max} its filesystem allows")
+    if not os.access(existing, os.W_OK):
+        raise RunError(f"{flag} {out}: {existing} is not writable (a read-only filesystem, or no permission)")
 
 
 def prepare_run_dir(config: TrainConfig, out: Path, resume: bool, force: bool) -> TrainConfig:
     """Validate the output directory against the request and return the config to run."""
     if resume:
         return resumable_config(out)
+    check_out_dir("--out", out)
     has_run = (out / "config.yaml").exists()
     if out.exists() and any(out.iterdir()):
         if not force:
