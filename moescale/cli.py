@@ -203,8 +203,10 @@ def cmd_presets(_: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from moescale.study.runner import estimate, format_estimate, format_plan, plan, prepare_study_dir, run_study
     from moescale.study.spec import load_spec
+    from moescale.train.rundir import check_out_dir
 
     spec = load_spec(args.spec)
+    check_out_dir("--out", args.out)
     if args.dry_run:
         if (args.out / "study.json").exists():
             prepare_study_dir(spec, args.out, write=False)  # only checks that the directory holds this spec

@@ -5,8 +5,11 @@ that does not match, and crashes in the middle of a save.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import zlib
 from pathlib import Path
 
 import jax
@@ -267,3 +270,65 @@ class TestCrashMidWrite:
         assert len(leftovers) == 1 and (leftovers[0] / "manifest.json").is_file()
         assert latest_checkpoint(tmp_path) == 1
         assert_trees_equal(load_checkpoint(tmp_path, 1, make_state())[0], make_state(0))
+
+
+class TestDamage:
+    def files(self, path: Path) -> list[str]:
+        return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+
+    def test_the_marker_records_every_other_file(self, tmp_path):
+        path = save_checkpoint(tmp_path, 1, make_state(), {"iteration": 1}, host_arrays={"a": np.arange(5)})
+        marker = json.loads((path / MARKER).read_text())
+        assert sorted(marker["files"]) == [f for f in self.files(path) if f != MARKER]
+        meta = path / "meta.json"
+        assert marker["files"]["meta.json"] == [meta.stat().st_size, zlib.crc32(meta.read_bytes())]
+        assert ckpt.checkpoint_problems(tmp_path, 1) == []
+
+    @pytest.mark.parametrize("how", ["truncate", "garble", "delete", "host"])
+    def test_damage_is_named_and_nothing_damaged_is_loaded(self, tmp_path, how):
+        state = make_state()
+        path = save_checkpoint(tmp_path, 1, state, {}, host_arrays={"a": np.arange(1000)})
+        target = path / "host" / "a.npy" if how == "host" else max(
+            (p for p in (path / "arrays").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        name = target.relative_to(path).as_posix()
+        size = target.stat().st_size
+        if how in ("truncate", "host"):
+            os.truncate(target, size - 1)
+            expected = [f"{name}: {size - 1:,} bytes, {size:,} written"]
+        elif how == "garble":
+            data = bytearray(target.read_bytes())
+            data[len(data) // 2] ^= 0xFF  # one bit flipped in the middle: same size
+            target.write_bytes(bytes(data))
+            expected = [f"{name}: contents changed since written (CRC-32)"]
+        else:
+            target.unlink()
+            expected = [f"{name}: missing"]
+        assert ckpt.checkpoint_problems(tmp_path, 1) == expected
+        with pytest.raises(ckpt.DamagedCheckpoint, match="^" + re.escape(f"{path}: damaged: {expected[0]}")):
+            load_checkpoint(tmp_path, 1, state)
+
+    def test_a_checkpoint_older_than_the_records_is_checked_by_loading(self, tmp_path):
+        state = make_state()
+        path = save_checkpoint(tmp_path, 1, state, {})
+        (path / MARKER).write_text(json.dumps({"step": 1}))  # as written before markers recorded files
+        assert ckpt.checkpoint_problems(tmp_path, 1) == []
+        load_checkpoint(tmp_path, 1, state)
+        (path / "meta.json").write_text("{")
+        with pytest.raises(ckpt.DamagedCheckpoint, match="meta|Expecting"):
+            load_checkpoint(tmp_path, 1, state)
+
+    def test_set_aside_keeps_it_out_of_the_way(self, tmp_path):
+        state = make_state()
+        for step in (1, 2):
+            save_checkpoint(tmp_path, step, state, {})
+        aside = ckpt.set_aside(tmp_path, 2)
+        assert aside.name == "damaged_ckpt_00000002" and aside.is_dir()
+        assert ckpt.checkpoint_steps(tmp_path) == [1]
+        save_checkpoint(tmp_path, 2, state, {})  # the resumed run writes its step again
+        save_checkpoint(tmp_path, 3, state, {})
+        assert ckpt.set_aside(tmp_path, 3).name == "damaged_ckpt_00000003"
+        assert ckpt.checkpoint_steps(tmp_path) == [2]
+        save_checkpoint(tmp_path, 3, state, {})
+        ckpt.set_aside(tmp_path, 3)  # a second damaged copy of one step replaces the first
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000002", "damaged_ckpt_00000002",
+                                                              "damaged_ckpt_00000003"]

@@ -34,11 +34,11 @@ class TestBadInput:
         assert code == 2 and "--force" in err
         assert (tmp_path / "notes.txt").read_text() == "keep me"
 
-    def test_resume_without_checkpoint(self, capsys, tmp_path):
+    def test_resume_without_a_run(self, capsys, tmp_path):
         code, err = run_cli(capsys, "train", "--resume", str(tmp_path))
-        assert code == 2 and "no checkpoint" in err
+        assert code == 2 and "no run there to resume (no config.yaml)" in err
         code, err = run_cli(capsys, "train", "--resume", str(tmp_path), "--steps", "50000")
-        assert code == 2 and "no checkpoint" in err and not any(tmp_path.iterdir())
+        assert code == 2 and "no run there to resume" in err and not any(tmp_path.iterdir())
 
     def test_resume_takes_the_stored_config(self, capsys, tmp_path):
         # Flags that would change the run are refused, not silently dropped; --steps alone may come with it.

@@ -74,7 +74,7 @@ class TestRunDirectory:
     def test_only_a_resumed_run_may_come_without_config(self, tmp_path):
         with pytest.raises(TypeError, match="needs its config"):
             train(None, tmp_path / "new", progress=False)
-        with pytest.raises(RunError, match="no checkpoint"):
+        with pytest.raises(RunError, match="no run there to resume"):
             train(None, tmp_path / "none", resume=True, progress=False)
         assert not any(tmp_path.iterdir())
 

@@ -10,7 +10,6 @@ the old table or a new one.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -18,9 +17,9 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
 from moescale import checks
+from moescale.checks import RunError
 
 RESULTS = "results.parquet"
 
@@ -42,12 +41,19 @@ def study_groups(out: Path) -> list[str]:
     record = out / "study.json"
     if not record.is_file():
         checks.fail("study", str(out), "is not a study directory (no study.json); run `moescale study` first")
-    return json.loads(record.read_text())["groups"]
+    from moescale.train.rundir import read_json
+
+    found = read_json(record, "it lists the study's run groups: restore it, or run the study into another --out")
+    if not isinstance(found, dict) or not isinstance(found.get("groups"), list):
+        raise RunError(f"{record}: damaged (no list of run groups); restore it, or run the study into another "
+                       "--out")
+    return found["groups"]
 
 
 def collect(out: Path) -> pa.Table:
     """The results table of the study in `out`, from its runs' files as they are now."""
     from moescale.study.spec import load_spec
+    from moescale.train.rundir import damaged, read_yaml
     from moescale.train.rundir import run_status as group_status
 
     spec = load_spec(out / "spec.yaml")
@@ -57,10 +63,16 @@ def collect(out: Path) -> pa.Table:
         run_dir = out / "runs" / name
         if not (run_dir / "config.yaml").exists() or not (run_dir / "metrics.parquet").exists():
             continue
-        config = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        config = flatten(read_yaml(run_dir / "config.yaml", f"remove {run_dir} and run the study again (it runs that "
+                                   "group again)"))
         base = {"group": name, "status": group_status(run_dir),
                 **{f"point.{k}": v for k, v in points.get(name, {}).items()}, **config}
-        for metrics in pq.read_table(run_dir / "metrics.parquet").to_pylist():
+        try:
+            table = pq.read_table(run_dir / "metrics.parquet")
+        except (OSError, pa.ArrowException) as err:
+            raise damaged(run_dir / "metrics.parquet", err, f"moescale train --resume {run_dir} writes the run's "
+                          "metric files again from its newest checkpoint") from None
+        for metrics in table.to_pylist():
             rows.append({**base, **metrics})
     if not rows:
         return pa.table({"group": pa.array([], pa.string())})

@@ -40,11 +40,13 @@ stored shapes and dtypes rather than refusing a mismatch with `like`. orbax stil
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import zlib
 from pathlib import Path
@@ -68,7 +70,7 @@ _HOST_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _DAMAGED_PREFIX = "damaged_"  # a damaged checkpoint set aside (kept to look at, never loaded)
 
 
-class DamagedCheckpoint(Exception):
+class DamagedCheckpoint(checks.RunError):
     """A checkpoint's files differ from what was written; the message is one line naming them."""
 
 
@@ -174,10 +176,27 @@ def _meta_json(meta: Any) -> str:
     return text
 
 
+_previous_unraisable: Any = None
+
+
+def _unraisable(unraisable: Any) -> None:
+    """sys.unraisablehook that drops one report: when an orbax save fails (a full disk), orbax closes its event
+    loop while tensorstore still has writes in flight, and each of their completions, calling into the closed
+    loop, prints a "RuntimeError: Event loop is closed" traceback (tens of them); the save's own error is raised
+    and reported once. Everything else goes to the hook it replaced."""
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+        return
+    (_previous_unraisable or sys.__unraisablehook__)(unraisable)
+
+
 @contextlib.contextmanager
 def _orbax_quiet() -> Any:
     """orbax logs a failure in its background threads (a full disk, a damaged file) with a traceback through
-    the absl logger before it raises the same error to its caller; moescale reports that error once, in a line."""
+    the absl logger before it raises the same error to its caller; moescale reports that error once, in a line.
+    The drop of closed-loop reports (`_unraisable`) stays installed: they arrive after the failed call returns."""
+    global _previous_unraisable
+    if sys.unraisablehook is not _unraisable:
+        _previous_unraisable, sys.unraisablehook = sys.unraisablehook, _unraisable
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
@@ -275,8 +294,10 @@ def save_checkpoint(run_dir: Path, step: int, state: Any, meta: dict, keep: int 
             _remove(final)
         os.rename(tmp, final)
         _fsync(run_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(err, OSError) and "No space left on device" in str(err):  # tensorstore's own error type
+            raise OSError(errno.ENOSPC, "No space left on device", str(run_dir)) from err
         raise
 
     for old in _complete_steps(run_dir)[:-keep]:

@@ -37,6 +37,7 @@ from moescale.train.rundir import (  # noqa: F401 (the names runs were read and 
     no_checkpoint,
     prepare_run_dir,
     raise_budget,
+    read_json,
     versions,
     with_legacy_defaults,
     write_atomic,
@@ -247,7 +248,8 @@ def _train_on_host(config: TrainConfig, out: Path, resume: bool, force: bool, pr
     for game in games_of(config.env):
         game_out, game_config = out / game, dataclasses.replace(config, env=game)
         if (game_out / "summary.json").exists():
-            summaries[game] = json.loads((game_out / "summary.json").read_text())
+            summaries[game] = read_json(game_out / "summary.json", f"remove it and --resume {out}: the game's run "
+                                        "writes it again from its final checkpoint")
             continue
         started = latest_checkpoint(game_out / "checkpoints") is not None
         game_config = prepare_run_dir(game_config, game_out, started, force=True)

@@ -99,22 +99,31 @@ def resumable_config(out: Path) -> TrainConfig:
 def check_out_dir(flag: str, out: Path) -> None:
     """RunError, before anything is written, when `out` cannot be a directory moescale writes into: it is a file,
     lies under one, has a name longer than its filesystem allows, or its nearest existing folder is read-only."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"{flag} {out}: is a file, not a directory (give a directory)")
-    existing = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
-    if not existing.is_dir():
-        raise RunError(f"{flag} {out}: {existing} is a file, so nothing can be created under it")
+    given, out = out, Path(out).absolute()
+    existing = next(p for p in out.parents if _exists(p))
     try:
-        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        name_max = os.pathconf(existing, "PC_NAME_MAX") if existing.is_dir() else 255
     except (OSError, ValueError):
         name_max = 255
     for part in out.parts:
         if len(os.fsencode(part)) > name_max:
-            raise RunError(f"{flag} {out}: the name {part[:24]}... is {len(os.fsencode(part))} bytes, over the "
+            raise RunError(f"{flag} {given}: the name {part[:24]}... is {len(os.fsencode(part))} bytes, over the "
                            f"{name_max} its filesystem allows")
+    if _exists(out):
+        existing = out
+    if existing == out and not out.is_dir():
+        raise RunError(f"{flag} {given}: is a file, not a directory (give a directory)")
+    if not existing.is_dir():
+        raise RunError(f"{flag} {given}: {existing} is a file, so nothing can be created under it")
     if not os.access(existing, os.W_OK):
-        raise RunError(f"{flag} {out}: {existing} is not writable (a read-only filesystem, or no permission)")
+        raise RunError(f"{flag} {given}: {existing} is not writable (a read-only filesystem, or no permission)")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long, say
+        return False
 
 
 def prepare_run_dir(config: TrainConfig, out: Path, resume: bool, force: bool) -> TrainConfig:
@@ -136,7 +145,7 @@ def prepare_run_dir(config: TrainConfig, out: Path, resume: bool, force: bool) -
 def raise_budget(out: Path, steps: int) -> TrainConfig:
     """Raise the budget of the run in `out` to `steps` agent steps per seed (`--resume RUN_DIR --steps N`) by
     rewriting its config.yaml; nothing else of the run changes, so it goes on as a run started with `steps`
-    would have. The run must have a checkpoint; a game list is extended one game directory at a time."""
+    would have. A game list is extended one game directory at a time."""
     from moescale.envs.host import GAME_LISTS
     from moescale.presets import apply_overrides
 

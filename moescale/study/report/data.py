@@ -89,10 +89,13 @@ class _Norm:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
+    """A JSON file of the study, None when it is not there; RunError naming it when it is there but damaged (a
+    report must not quietly leave a run out)."""
+    from moescale.train.rundir import read_json
+
+    if not path.is_file():
         return None
+    return read_json(path, "restore it, or run the study again into another --out")
 
 
 def _scores_and_curves(group: _Group) -> None:
