@@ -100,3 +100,22 @@ def test_short_labels_keep_the_fewest_path_components_that_differ(tmp_path):
     assert experts == [("softmoe-2", ["expert_importance_0", "expert_importance_1"])]
     path = plot_metrics(runs, tmp_path / "c.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("how", ["truncate", "garble"])
+def test_a_damaged_snapshot_is_one_line_naming_it(softmoe_run, tmp_path, how):
+    import shutil
+
+    from moescale.train.snapshots import list_snapshots, load_snapshot
+
+    path = tmp_path / "params.npz"
+    shutil.copy(list_snapshots(softmoe_run)[0][1], path)
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 3] ^= 0xFF  # inside the first member's data: its CRC-32 no longer matches
+    path.write_bytes(bytes(data))
+    like = build_network(NetworkConfig(encoder="mlp", moe="dense"), (4,), 2).init(jax.random.key(0))
+    with pytest.raises(ValueError, match=f"^snapshot='{path}': damaged or unreadable .*; delete it"):
+        load_snapshot(path, like)

@@ -208,6 +208,25 @@ class TestRunFiles:
         assert_same_run(run, reference)
 
 
+    @pytest.mark.parametrize("metrics", ["intact", "truncated"])
+    def test_checkpoints_from_before_they_held_rows_read_metrics_csv(self, reference, tmp_path, capsys, metrics):
+        run = unfinished(reference, tmp_path)
+        for step in (2, 3):  # as written before: no rows in meta.json, no file records in the marker
+            ckpt = run / "checkpoints" / f"ckpt_{step:08d}"
+            meta = json.loads((ckpt / "meta.json").read_text())
+            (ckpt / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "rows"}))
+            (ckpt / checkpoint.MARKER).write_text(json.dumps({"step": step}))
+        if metrics == "truncated":
+            os.truncate(run / "metrics.csv", (run / "metrics.csv").stat().st_size - 40)
+            code, err = resume(run, capsys)
+            assert code == 2 and len(err) == 1 and err[0].startswith(
+                f"moescale train: {run / 'metrics.csv'}: unreadable (float() argument must be"), err
+            assert err[0].endswith("so the rows cannot be rebuilt: start over with --force")
+        else:
+            assert resume(run, capsys) == (0, [])
+            assert_same_run(run, reference)
+
+
 class TestBadInput:
     def test_a_seed_past_64_bits_leaves_nothing_behind(self, tmp_path, capsys):
         code, err = cli(["train", "--preset", "classic-dqn", "--out", str(tmp_path / "new"),

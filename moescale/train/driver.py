@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from moescale import checks
 from moescale.config import TrainConfig
 from moescale.train.checkpoint import DamagedCheckpoint, checkpoint_steps, set_aside
 from moescale.train.live import open_logs
@@ -150,8 +151,8 @@ def _rows_on_disk(out: Path, iteration: int, seeds: int) -> list[dict[str, Any]]
     try:
         rows = read_rows(path, iteration)
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise RunError(f"{path}: unreadable ({err}); the run's checkpoints predate the copy of the metric rows "
-                       "they hold now, so the rows cannot be rebuilt: start over with --force") from None
+        raise RunError(f"{path}: unreadable ({checks.one_line(err)}); the run's checkpoints predate the copy of the "
+                       "metric rows they hold now, so the rows cannot be rebuilt: start over with --force") from None
     if sorted((r["iteration"], r["seed"]) for r in rows) != [(i, s) for i in range(1, iteration + 1)
                                                              for s in range(seeds)]:
         raise RunError(f"{path}: holds {len(rows)} rows, not the {iteration * seeds} of the {iteration} iterations "

@@ -34,7 +34,7 @@ from moescale.train.rundir import (  # noqa: F401 (the names runs were read and 
     device_name,
     host_cpu,
     load_run_config,
-    no_checkpoint,
+    no_run,
     prepare_run_dir,
     raise_budget,
     read_json,
@@ -107,7 +107,7 @@ def train(config: TrainConfig | None, out: Path, resume: bool = False, force: bo
         config = load_run_config(out)
     elif config is None:
         if resume:
-            raise no_checkpoint(out)
+            raise no_run(out)
         raise TypeError("train: a new run needs its config")
     check_logs(config)
     if is_host_env(config.env):

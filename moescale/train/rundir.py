@@ -84,7 +84,7 @@ def with_legacy_defaults(stored: Any) -> Any:
     return {**stored, "network": {**LEGACY_NETWORK_DEFAULTS, **stored["network"]}}
 
 
-def no_checkpoint(out: Path) -> RunError:
+def no_run(out: Path) -> RunError:
     return RunError(f"--resume {out}: no run there to resume (no config.yaml)")
 
 
@@ -92,7 +92,7 @@ def resumable_config(out: Path) -> TrainConfig:
     """The stored config of the run in `out` (RunError when there is none). A run with no checkpoint yet resumes
     by starting over from it."""
     if not (out / "config.yaml").exists():
-        raise no_checkpoint(out)
+        raise no_run(out)
     return load_run_config(out)
 
 

@@ -6,12 +6,15 @@ keyed by its path in the tree). Written to a temporary name and renamed, so a li
 from __future__ import annotations
 
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from moescale import checks
 
 SNAPSHOT_DIR = "snapshots"
 _NAME = re.compile(r"params_(\d{8})\.npz")
@@ -46,9 +49,14 @@ def list_snapshots(run_dir: Path) -> list[tuple[int, Path]]:
 def load_snapshot(path: Path, like: Any) -> Any:
     """Stacked params shaped like `like` (a tree of one seed's params) from a snapshot file.
 
-    ValueError if the file's parameters do not match `like` (another network)."""
-    with np.load(path) as data:
-        stored = {k: data[k] for k in data.files}
+    ValueError if the file's parameters do not match `like` (another network), or if it is damaged (an npz is a
+    zip file: a garbled member fails its CRC-32 when read, a truncated file its directory)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stored = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"snapshot={str(path)!r}: damaged or unreadable ({checks.one_line(err)}); delete it to "
+                         "analyze the run without it") from None
     leaves = []
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(like)[0]:
         key = _key(key_path)
