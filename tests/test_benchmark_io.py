@@ -291,3 +291,18 @@ class TestGpuScript:
         pinned = {line.split("==")[0] for line in lock if "==" in line}
         assert len(names) == 12 and "gymnax" in names
         assert [n for n in names if n.lower() not in pinned] == []
+
+
+def test_checkpoint_verify_times_both_variants_and_puts_the_checks_back(tmp_path):
+    import jax.numpy as jnp
+
+    from moescale.train import checkpoint as ckpt
+
+    bench = _load("checkpoint_verify")
+    records, problems = ckpt._file_records, ckpt.checkpoint_problems
+    found = bench.measure({"w": jnp.arange(1000, dtype=jnp.float32)}, 1, tmp_path)
+    assert set(found) == {"bytes", "save, recorded", "save, not recorded", "load, verified", "load, not verified"}
+    assert found["bytes"] > 4000 and all(v > 0 for v in found.values())
+    assert (ckpt._file_records, ckpt.checkpoint_problems) == (records, problems)
+    assert not any(tmp_path.iterdir())
+    assert bench.table({"s": found}).splitlines()[2].startswith("| s | 0.0 MiB | ")
