@@ -58,6 +58,35 @@ def test_host_run_resumes_from_its_checkpoint_with_the_replay(tmp_path):
     assert counters[1] == 300  # records per stream: 600 steps over 2 environments, none lost on resume
 
 
+def test_a_host_run_skips_a_damaged_checkpoint_as_if_it_were_never_written(tmp_path, capsys):
+    """The host trainer resumes through the same checks: a newest checkpoint whose replay file is truncated is
+    set aside, and the run goes on exactly as when that checkpoint was never written (a resumed host run restarts
+    its environments, so it is compared with another resume from the same checkpoint, not with an uninterrupted
+    run)."""
+    import shutil
+
+    config = apply_overrides(get_preset("classic-dqn"),
+                             ["env=gym:CartPole-v1", "steps=900", "iteration_steps=300", "agent.min_replay=100",
+                              "num_envs=2", "agent.update_period=2", "eval_episodes=2", "eval_max_steps=50",
+                              "checkpoint_every=1"])
+    train(config, tmp_path / "run", progress=False)
+    for name in ("lost", "damaged"):
+        shutil.copytree(tmp_path / "run", tmp_path / name)
+        (tmp_path / name / "summary.json").unlink()
+    shutil.rmtree(tmp_path / "lost" / "checkpoints" / "ckpt_00000003")
+    replay = tmp_path / "damaged" / "checkpoints" / "ckpt_00000003" / "host" / "replay0.frames.npy"
+    replay.write_bytes(replay.read_bytes()[:-8])
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "lost"), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["train", "--resume", str(tmp_path / "damaged"), "--no-progress"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "ckpt_00000003: damaged: host/replay0.frames.npy: " in err[0], err
+    drop = ["steps_per_second", "wall_seconds"]
+    lost, damaged = (pd.read_csv(tmp_path / n / "metrics.csv").drop(columns=drop) for n in ("lost", "damaged"))
+    pd.testing.assert_frame_equal(damaged, lost)
+
+
 # A two-seed Soft MoE run of the host trainer on gym:CartPole-v1, short.
 HOST_MOE = ["env=gym:CartPole-v1", "seeds=2", "steps=400", "iteration_steps=200", "agent.min_replay=100",
             "num_envs=2", "agent.update_period=2", "eval_episodes=2", "eval_max_steps=50", "checkpoint_every=1",
