@@ -294,11 +294,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from moescale.analysis.analyze import AnalysisError
     from moescale.analysis.diagnose import diagnose_config, diagnose_run, format_diagnosis, write_diagnosis
+    from moescale.train.rundir import check_out_dir
 
     given = [f"--{name}" for name in ("preset", "env", "moe", "experts", "seeds", "set")
              if getattr(args, name) not in (None, [])]
-    from moescale.train.rundir import check_out_dir
-
     if args.states < 2:
         raise ValueError(f"--states={args.states}: must be an int >= 2 (sensitivities are variances over states)")
     out = args.out if args.out is not None else (args.run if args.run is not None else Path.cwd())
