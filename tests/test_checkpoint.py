@@ -332,3 +332,11 @@ class TestDamage:
         ckpt.set_aside(tmp_path, 3)  # a second damaged copy of one step replaces the first
         assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000002", "damaged_ckpt_00000002",
                                                               "damaged_ckpt_00000003"]
+
+    def test_a_marker_that_is_not_a_record_is_damage(self, tmp_path):
+        state = make_state()
+        path = save_checkpoint(tmp_path, 1, state, {})
+        (path / MARKER).write_text(json.dumps({"step": 1, "files": {"meta.json": 7}}))
+        assert ckpt.checkpoint_problems(tmp_path, 1)[0].startswith(f"{MARKER}: unreadable (")
+        with pytest.raises(ckpt.DamagedCheckpoint, match="COMPLETE: unreadable"):
+            load_checkpoint(tmp_path, 1, state)

@@ -324,12 +324,11 @@ def checkpoint_problems(run_dir: Path, step: int) -> list[str]:
     try:
         marker = json.loads((path / MARKER).read_text())
         files = marker.get("files") if isinstance(marker, dict) else None
-    except (OSError, ValueError) as err:
+        records = [(name, int(size), int(crc)) for name, (size, crc) in (files or {}).items()]
+    except (OSError, ValueError, TypeError, AttributeError) as err:
         return [f"{MARKER}: unreadable ({checks.one_line(err)})"]
-    if files is None:
-        return []
     problems = []
-    for name, (size, crc) in files.items():
+    for name, size, crc in records:
         file = path / name
         if not file.is_file():
             problems.append(f"{name}: missing")
