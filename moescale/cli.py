@@ -206,8 +206,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     from moescale.train.rundir import check_out_dir
 
     spec = load_spec(args.spec)
-    check_out_dir("--out", args.out)
     if args.dry_run:
+        check_out_dir("--out", args.out)  # a run checks it in prepare_study_dir
         if (args.out / "study.json").exists():
             prepare_study_dir(spec, args.out, write=False)  # only checks that the directory holds this spec
         rows = plan(spec, args.out if (args.out / "study.json").exists() else None)
@@ -423,10 +423,11 @@ def _os_error(err: OSError, args: argparse.Namespace) -> str:
     disk how to go on."""
     from moescale.checks import one_line
 
-    target = err.filename or getattr(args, "resume", None) or getattr(args, "out", None)
+    written = getattr(args, "resume", None) or getattr(args, "out", None)  # the run or study directory
+    target = err.filename or written
     where = f"{target}: " if target else ""
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        again = {"train": f"moescale train --resume {getattr(args, 'resume', None) or getattr(args, 'out', '')}",
+        again = {"train": f"moescale train --resume {written}",
                  "study": "the same command (the study resumes)"}.get(args.command, "the same command")
         return (f"{where}{err.strerror or 'No space left on device'}; free some, then run {again} (a run goes "
                 "on from its newest checkpoint, whose files are verified)")

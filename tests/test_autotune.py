@@ -116,7 +116,10 @@ def test_a_run_from_before_the_record_resumes_untimed_and_a_damaged_record_says_
     assert train(None, tmp_path / "run", resume=True, progress=False)["seed_layout"] == "unroll" and timed == []
     raise_budget(tmp_path / "run", 300)
     (tmp_path / "run" / "seed_layout.json").write_text('{"seed_layout": "diagonal"}')
-    with pytest.raises(RunError, match=r"seed_layout.json: unreadable .*'diagonal'.*--force"):
+    with pytest.raises(RunError, match=r"seed_layout.json: damaged \(seed_layout 'diagonal', not one of .*--force"):
+        train(None, tmp_path / "run", resume=True, progress=False)
+    (tmp_path / "run" / "seed_layout.json").write_text('{"seed_layout": "unr')
+    with pytest.raises(RunError, match=r"seed_layout.json: damaged or unreadable \(Unterminated string.*--force"):
         train(None, tmp_path / "run", resume=True, progress=False)
 
 

@@ -36,18 +36,24 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def study_groups(out: Path) -> list[str]:
-    """The run groups of the study in `out`, in grid order (ValueError if `out` is not a study)."""
+def study_record(out: Path) -> dict[str, Any]:
+    """The study's record, out/study.json (name, fingerprint, run groups): ValueError if `out` is not a study,
+    RunError naming the file if it is damaged."""
+    from moescale.train.rundir import read_json
+
     record = out / "study.json"
     if not record.is_file():
         checks.fail("study", str(out), "is not a study directory (no study.json); run `moescale study` first")
-    from moescale.train.rundir import read_json
-
-    found = read_json(record, "it lists the study's run groups: restore it, or run the study into another --out")
+    remedy = "it lists the study's run groups: restore it, or run the study into another --out"
+    found = read_json(record, remedy)
     if not isinstance(found, dict) or not isinstance(found.get("groups"), list):
-        raise RunError(f"{record}: damaged (no list of run groups); restore it, or run the study into another "
-                       "--out")
-    return found["groups"]
+        raise RunError(f"{record}: damaged (no list of run groups); {remedy}")
+    return found
+
+
+def study_groups(out: Path) -> list[str]:
+    """The run groups of the study in `out`, in grid order (ValueError if `out` is not a study)."""
+    return study_record(out)["groups"]
 
 
 def collect(out: Path) -> pa.Table:

@@ -25,9 +25,8 @@ import yaml
 from tqdm import tqdm
 
 from moescale import checks
-from moescale.checks import RunError
 from moescale.study.spec import RunGroup, StudySpec
-from moescale.train.rundir import check_out_dir, read_json
+from moescale.train.rundir import check_out_dir
 from moescale.train.rundir import run_status as group_status
 
 STATUSES = ("pending", "started", "interrupted", "failed", "done")
@@ -43,12 +42,10 @@ def prepare_study_dir(spec: StudySpec, out: Path, write: bool = True) -> None:
     """Create the study directory, or check that an existing one holds this spec or one it extends: a spec may add
     run groups to a study (a later stage), never drop one or change the config of one that has started. With
     write=False (a dry run) nothing is written."""
-    record = out / "study.json"
-    if record.exists():
-        old = read_json(record, "it records the study's run groups: restore it, or give another --out")
-        if not isinstance(old, dict):
-            raise RunError(f"{record}: damaged (not a JSON object); it records the study's run groups: restore it, "
-                           "or give another --out")
+    from moescale.study.results import study_record
+
+    if (out / "study.json").exists():
+        old = study_record(out)
         if old.get("fingerprint") != spec.fingerprint():
             _check_extends(spec, out, old)
             if write:
@@ -67,7 +64,7 @@ def _check_extends(spec: StudySpec, out: Path, old: dict[str, Any]) -> None:
     from moescale.train.run import load_run_config
 
     groups = {g.name: g for g in spec.groups}
-    for name in old.get("groups", []):
+    for name in old["groups"]:
         if name not in groups:
             checks.fail("--out", str(out), f"holds study {old.get('name')!r} of a different spec, which drops its "
                         f"run group {name}; a spec may only add run groups to a study (give another --out, or the "

@@ -148,16 +148,16 @@ def _rows_on_disk(out: Path, iteration: int, seeds: int) -> list[dict[str, Any]]
     """The metric rows up to `iteration` from metrics.csv, for checkpoints written before they held the rows
     themselves; RunError when the file cannot give every one of them."""
     path = out / "metrics.csv"
+    why = ("the run's checkpoints predate the copy of the metric rows they hold now, so the rows cannot be rebuilt: "
+           "start over with --force")
     try:
         rows = read_rows(path, iteration)
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise RunError(f"{path}: unreadable ({checks.one_line(err)}); the run's checkpoints predate the copy of the "
-                       "metric rows they hold now, so the rows cannot be rebuilt: start over with --force") from None
+        raise RunError(f"{path}: unreadable ({checks.one_line(err)}); {why}") from None
     if sorted((r["iteration"], r["seed"]) for r in rows) != [(i, s) for i in range(1, iteration + 1)
                                                              for s in range(seeds)]:
         raise RunError(f"{path}: holds {len(rows)} rows, not the {iteration * seeds} of the {iteration} iterations "
-                       "the newest checkpoint holds; its checkpoints predate the copy of the metric rows they hold "
-                       "now, so the rows cannot be rebuilt: start over with --force")
+                       f"the newest checkpoint holds; {why}")
     return rows
 
 

@@ -141,15 +141,14 @@ def _seed_layout(config: TrainConfig, out: Path, resume: bool, autotune: bool,
 
     record = out / "seed_layout.json"
     if resume and record.exists():
-        try:
-            kept = json.loads(record.read_text())
-            if kept["seed_layout"] not in CANDIDATES:
-                raise ValueError(f"seed_layout {kept['seed_layout']!r} is not one of {', '.join(CANDIDATES)}")
-            return kept["seed_layout"], kept["tuning"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise RunError(f"{record}: unreadable ({err}); it records the seed layout the run began with: write "
-                           '{"seed_layout": "unroll", "tuning": null} (or "vmap") as its summary.json or metrics '
-                           "show, or start over with --force") from None
+        remedy = ('it records the seed layout the run began with: write {"seed_layout": "unroll", "tuning": null} '
+                  '(or "vmap") as its summary.json or metrics show, or start over with --force')
+        kept = read_json(record, remedy)
+        if not isinstance(kept, dict) or kept.get("seed_layout") not in CANDIDATES or "tuning" not in kept:
+            found = kept.get("seed_layout") if isinstance(kept, dict) else kept
+            raise RunError(f"{record}: damaged (seed_layout {found!r}, not one of {', '.join(CANDIDATES)} with its "
+                           f"tuning); {remedy}")
+        return kept["seed_layout"], kept["tuning"]
     layout, tuning = choose_layout(config, autotune and not resume, progress)
     write_atomic(record, json.dumps({"seed_layout": layout, "tuning": tuning}, indent=2))
     return layout, tuning
