@@ -306,3 +306,14 @@ def test_checkpoint_verify_times_both_variants_and_puts_the_checks_back(tmp_path
     assert (ckpt._file_records, ckpt.checkpoint_problems) == (records, problems)
     assert not any(tmp_path.iterdir())
     assert bench.table({"s": found}).splitlines()[2].startswith("| s | 0.0 MiB | ")
+
+
+def test_dry_run_table_and_arguments(capsys):
+    bench = _load("dry_run")
+    rows = [("abc1234", "empty cache, turn 1", {"plan": 6.24, "total": 58.14, "cpu": 102.8})]
+    assert bench.table(rows).splitlines()[2] == "| abc1234 | empty cache, turn 1 | 6.2 s | 58.1 s | 102.8 s |"
+    for argv in (["--turns", "0"], ["--roots", "/nonexistent"], ["--spec", "/nonexistent.yaml"]):
+        with pytest.raises(SystemExit) as exit_:
+            bench.main(argv)
+        assert exit_.value.code == 2
+    assert "--roots" in capsys.readouterr().err
