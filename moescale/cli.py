@@ -207,7 +207,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     if args.dry_run:
-        check_out_dir("--out", args.out)  # a run checks it in prepare_study_dir
+        check_out_dir("--out", args.out)  # a run checks it in prepare_study_dir (write=True)
         if (args.out / "study.json").exists():
             prepare_study_dir(spec, args.out, write=False)  # only checks that the directory holds this spec
         rows = plan(spec, args.out if (args.out / "study.json").exists() else None)

@@ -44,6 +44,8 @@ def prepare_study_dir(spec: StudySpec, out: Path, write: bool = True) -> None:
     write=False (a dry run) nothing is written."""
     from moescale.study.results import study_record
 
+    if write:
+        check_out_dir("--out", out)  # first: a name too long fails even the look for study.json
     if (out / "study.json").exists():
         old = study_record(out)
         if old.get("fingerprint") != spec.fingerprint():
@@ -51,7 +53,6 @@ def prepare_study_dir(spec: StudySpec, out: Path, write: bool = True) -> None:
             if write:
                 _write_study_files(spec, out)
         return
-    check_out_dir("--out", out)
     if out.exists() and any(out.iterdir()):
         checks.fail("--out", str(out), "holds other files, not a study; give an empty or new directory")
     if write:

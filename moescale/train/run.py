@@ -239,7 +239,7 @@ def _train_on_host(config: TrainConfig, out: Path, resume: bool, force: bool, pr
                        "None")
     if config.env not in GAME_LISTS:
         config = prepare_run_dir(config, out, resume, force)
-        return train_host(config, out, resume and latest_checkpoint(out / "checkpoints") is not None, progress)
+        return train_host(config, out, resume, progress)  # with no checkpoint yet, drive starts it over
     # A game list: one run directory per game under `out`, each resumable on its own.
     if not resume:
         config = prepare_run_dir(config, out, resume, force)
