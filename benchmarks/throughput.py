@@ -33,6 +33,8 @@ from pathlib import Path
 
 import jax
 
+from moescale.cli import cpu_devices_default
+
 
 def host_devices(argv: list[str]) -> int | None:
     """The N of `--host-devices N` (or `--host-devices=N`) in argv, None without it (or with a value that is not a
@@ -46,9 +48,9 @@ def host_devices(argv: list[str]) -> int | None:
 
 
 # JAX reads its CPU device count once, when its backend starts, and importing gymnax (below, through moescale)
-# starts it: so --host-devices is read here, ahead of argparse.
-if __name__ == "__main__" and host_devices(sys.argv[1:]):
-    jax.config.update("jax_num_cpu_devices", host_devices(sys.argv[1:]))
+# starts it: so --host-devices is read here, ahead of argparse. Without it, as many as `moescale train` makes.
+if __name__ == "__main__" and (host_devices(sys.argv[1:]) or cpu_devices_default()):
+    jax.config.update("jax_num_cpu_devices", host_devices(sys.argv[1:]) or cpu_devices_default())
 
 import jax.numpy as jnp  # noqa: E402
 
@@ -70,19 +72,20 @@ DECAYED = ["agent.eps_decay_steps=1"]
 RUNS = "1:auto,8:vmap,8:unroll"
 
 
-def parse_runs(text: str) -> list[tuple[int, str, int, int]]:
-    """"1:auto,16:vmap:4,8:unroll:1:2" -> [(1, "auto", 1, 1), (16, "vmap", 4, 1), (8, "unroll", 1, 2)]: seeds,
-    seed layout, environments per seed, devices the seeds are spread over."""
+def parse_runs(text: str) -> list[tuple[int, str, int, int | None]]:
+    """"1:auto,16:vmap:4,8:unroll:1:2" -> [(1, "auto", 1, None), (16, "vmap", 4, None), (8, "unroll", 1, 2)]:
+    seeds, seed layout, environments per seed, devices the seeds are spread over (None: as `moescale train` takes
+    them, config `devices` left free: timed for `auto`, else the most that divide the seeds)."""
     runs = []
     for item in text.split(","):
         parts = item.split(":")
-        seeds, layout, envs, devices = (parts + ["1", "1"])[:4] if 2 <= len(parts) <= 4 else ("", "", "", "")
+        seeds, layout, envs, devices = [*parts, *["1", ""][len(parts) - 2:]] if 2 <= len(parts) <= 4 else [""] * 4
         if (not seeds.isdigit() or int(seeds) < 1 or layout not in ("auto", "vmap", "unroll")
-                or not envs.isdigit() or int(envs) < 1 or not devices.isdigit() or int(devices) < 1
-                or int(seeds) % int(devices)):
+                or not envs.isdigit() or int(envs) < 1
+                or (devices and (not devices.isdigit() or int(devices) < 1 or int(seeds) % int(devices)))):
             raise ValueError(f"--runs: {item!r} is not SEEDS:LAYOUT[:ENVS[:DEVICES]] with SEEDS >= 1, LAYOUT "
                              "auto|vmap|unroll, ENVS >= 1 and DEVICES >= 1 dividing SEEDS")
-        runs.append((int(seeds), layout, int(envs), int(devices)))
+        runs.append((int(seeds), layout, int(envs), int(devices) if devices else None))
     return runs
 
 
@@ -99,7 +102,8 @@ def warmed_trainer(arch: str, seeds: int, layout: str, iteration_steps: int, tim
                  f"steps={iteration_steps * (warm_up + timed)}", *sets]
     config = apply_overrides(get_preset("minatar-dqn"), overrides)
     if layout == "auto":  # as `moescale train` chooses: timed on this machine (cached), or unroll for one seed
-        config = dataclasses.replace(config, seed_layout=choose_layout(config)[0])
+        chosen = choose_layout(config)[0]
+        config = dataclasses.replace(config, seed_layout=chosen.layout, devices=chosen.devices)
     trainer = make_trainer(config)
     states = trainer.init(seed_keys(config))
     t0 = time.perf_counter()
@@ -131,11 +135,11 @@ def timed_rows(arch: str, runs: list[tuple[int, str, int, int]], convs: list[str
         for conv in convs:
             run, states, step, trainer, compile_s = warmed_trainer(
                 arch, seeds, layout, iteration_steps, repeats,
-                (f"num_envs={envs}", f"network.conv={conv}", f"devices={devices}"))
+                (f"num_envs={envs}", f"network.conv={conv}", f"devices={'null' if devices is None else devices}"))
             timer = _timer(run, states, step, iteration_steps, seeds)
             name = f"auto: {trainer.layout.name}" if layout == "auto" else trainer.layout.name
             rows.append({"loop": f"compiled, {name}", "arch": arch, "seeds": seeds, "envs": envs,
-                         "devices": devices, "conv": conv, "compile_s": compile_s, "time": timer, "rates": []})
+                         "devices": trainer.layout.devices, "conv": conv, "compile_s": compile_s, "time": timer, "rates": []})
     for _ in range(repeats):
         for row in rows:
             row["rates"].append(row["time"]())
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         convs = parse_convs(args.conv)
         for _, _, envs, devices in runs:  # a bad environment or device count fails here, before any timing
             apply_overrides(get_preset("minatar-dqn"), [f"num_envs={envs}", f"iteration_steps={args.iteration_steps}"])
-            if devices > jax.local_device_count():
+            if (devices or 1) > jax.local_device_count():
                 raise ValueError(f"--runs: {devices} devices asked for, JAX sees {jax.local_device_count()} "
                                  "(on CPU, --host-devices N makes N)")
     except ValueError as err:
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     title = "Compiled trainer throughput vs a host loop (minatar-dqn, Breakout-MinAtar)"
     if jax.default_backend() != "cpu":
         title += f", {jax.default_backend().upper()}"
-    most = max(devices for *_, devices in runs)
+    most = max(int(line.split(" | ")[5]) for line in lines[2:])
     if most > 1:
         title += f", seeds spread over up to {most} {jax.default_backend().upper()} devices"
     text = section_text(title, "throughput.py", argv,

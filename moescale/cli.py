@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -385,10 +386,29 @@ def main(argv: list[str] | None = None) -> int:
     for command in sub.choices.values():  # SUPPRESS: `moescale --debug train` is not undone by train's default
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     args = parser.parse_args(argv)
+    one_device_per_core()
     handler = {"train": cmd_train, "presets": cmd_presets, "study": cmd_study, "results": cmd_results,
                "report": cmd_report, "analyze": cmd_analyze, "bench": cmd_bench,
                "diagnose": cmd_diagnose, "config": cmd_config}[args.command]
     return _run_reporting_errors(handler, args)
+
+
+def cpu_devices_default() -> int | None:
+    """The JAX CPU device count moescale sets when none is: one per core this process may use, so that a run's
+    seeds spread over the cores (config field `devices`; `seed_layout: auto` times one device against them,
+    moescale.train.autotune): XLA:CPU runs one seed's small matmuls on little more than one core. None when
+    JAX_NUM_CPU_DEVICES or XLA's host device count is set. Accelerators are not affected; their runs take the
+    accelerator's devices."""
+    if "JAX_NUM_CPU_DEVICES" in os.environ or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return None
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def one_device_per_core() -> None:
+    """Set `cpu_devices_default` for JAX, unless JAX was imported already (its config has read the environment)."""
+    count = cpu_devices_default()
+    if count is not None and "jax" not in sys.modules:
+        os.environ["JAX_NUM_CPU_DEVICES"] = str(count)
 
 
 def _run_reporting_errors(handler, args: argparse.Namespace) -> int:

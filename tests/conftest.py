@@ -27,3 +27,8 @@ os.environ.setdefault("MOESCALE_CACHE_DIR", os.path.join(_CACHE, "moescale"))
 # training does, and timing layouts for each of their networks would cost minutes on 2 cores while the tests share
 # them. tests/test_autotune.py turns it back on for the autotune's own tests.
 os.environ.setdefault("MOESCALE_AUTOTUNE", "0")
+
+# The CLI makes one JAX CPU device per core when none is set (moescale.cli.one_device_per_core); the test process
+# has one, and tests compare the CLI's runs in subprocesses with runs in it, so subprocesses get one too.
+# tests/test_devices.py runs two devices and the CLI's own count in subprocesses that set them.
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "1")

@@ -210,8 +210,9 @@ def test_throughput_host_devices_are_read_before_argparse():
 
 def test_throughput_runs_parse_and_reject():
     throughput = _load("throughput")
-    assert throughput.parse_runs("1:auto,16:vmap") == [(1, "auto", 1, 1), (16, "vmap", 1, 1)]
-    assert throughput.parse_runs("16:vmap:4,2:unroll:1") == [(16, "vmap", 4, 1), (2, "unroll", 1, 1)]
+    # no DEVICES: as `moescale train` takes them (None: config `devices` left free)
+    assert throughput.parse_runs("1:auto,16:vmap") == [(1, "auto", 1, None), (16, "vmap", 1, None)]
+    assert throughput.parse_runs("16:vmap:4,2:unroll:1") == [(16, "vmap", 4, None), (2, "unroll", 1, None)]
     assert throughput.parse_runs("8:unroll:1:2,8:vmap:4:8") == [(8, "unroll", 1, 2), (8, "vmap", 4, 8)]
     for bad in ("0:vmap", "8:pmap", "x:auto", "8", "8:vmap:0", "8:vmap:x", "8:vmap:4:3", "8:vmap:1:0",
                 "8:vmap:1:2:1", "8:vmap:"):

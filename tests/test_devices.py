@@ -42,12 +42,17 @@ TWO_DEVICES = textwrap.dedent("""
         used = sorted({len(s.device_set) for s in jax.tree.leaves(compiled.output_shardings)})
         # Slots: unroll keeps every seed of a device in its own (one per device), vmap all seeds in one.
         out[name] = [summary["devices"], summary["seed_layout"], used, len(states)]
+    # The timing `seed_layout: auto` makes of a layout spread over the devices, compiled and run for real.
+    from moescale.train.autotune import round_seconds
+    config = apply_overrides(get_preset("classic-dqn"), ["seeds=2"])
+    out["timed"] = [0 < round_seconds(config, layout, updates=2, repeats=2, devices=2) < 1
+                    for layout in ("vmap", "unroll")]
     print(json.dumps(out))
 """)
 
 
 # The host trainer (gym: environments, Atari): 2 seeds over 2 devices, one each.
-HOST = ["env=gym:CartPole-v1", "seeds=2", "iteration_steps=200", "agent.min_replay=100", "num_envs=2",
+HOST = ["env=gym:CartPole-v1", "seeds=2", "devices=2", "iteration_steps=200", "agent.min_replay=100", "num_envs=2",
         "agent.update_period=2", "eval_episodes=2", "eval_max_steps=50", "checkpoint_every=1"]
 
 HOST_TWO_DEVICES = textwrap.dedent("""
@@ -67,6 +72,9 @@ HOST_TWO_DEVICES = textwrap.dedent("""
     shutil.copytree(root / "host-half", root / "host-resumed")
     raise_budget(root / "host-resumed", 400)
     out["host-resumed"] = train(None, root / "host-resumed", resume=True, progress=False)["devices"]
+    # Not asked for devices: one CPU device (the host trainer's learner vmaps the seeds faster there).
+    free = apply_overrides(get_preset("classic-dqn"), [*sets, "steps=200", "devices=null"])
+    out["host-free"] = train(free, root / "host-free", progress=False)["devices"]
     # Where the states live: split over both devices, not just labelled.
     run = build_host_run(config)
     states, keys = run.init(jax.random.split(jax.random.key(0), 2))
@@ -111,7 +119,7 @@ def one_device(tmp_path: Path, layout: str) -> Path:
 def test_seeds_run_on_both_devices(spread):
     _, info = spread
     assert info == {"unroll": [2, "unroll", [2], 2], "unroll-half": [2, "unroll", [2], 2],
-                    "vmap": [2, "vmap", [2], 1]}
+                    "vmap": [2, "vmap", [2], 1], "timed": [True, True]}
 
 
 def test_unroll_over_two_devices_is_the_one_device_run(spread, tmp_path):
@@ -127,7 +135,7 @@ def test_vmap_over_two_devices_matches_one_device_to_rounding(spread, tmp_path):
     assert_same_to_rounding(rows(root / "vmap"), rows(one_device(tmp_path, "vmap")))
 
 
-def test_a_two_device_checkpoint_resumes_on_one_device(spread, tmp_path):
+def test_a_two_device_checkpoint_resumes_on_one_device(spread, tmp_path, capsys):
     # The checkpoint holds stacked seeds whatever the device count: the run stopped after its first iteration
     # on two devices goes on here, on one, and ends as the uninterrupted run.
     root, _ = spread
@@ -136,6 +144,8 @@ def test_a_two_device_checkpoint_resumes_on_one_device(spread, tmp_path):
     raise_budget(half, 10000)
     summary = train(None, half, resume=True, progress=False)
     assert summary["devices"] == 1
+    assert (f"moescale: warning: {half / 'seed_layout.json'}: the run began with its seeds on 2 devices, JAX sees 1; "
+            "it goes on with 1 (unroll gives") in capsys.readouterr().err
     assert rows(half) == rows(root / "unroll")
 
 
@@ -172,8 +182,9 @@ def test_host_trainer_splits_seeds_over_two_devices(host_spread, tmp_path):
     # Each device vmaps its one seed instead of two on one device: the same per-seed arithmetic in other batch
     # shapes, so the run matches the one-device run to float rounding.
     root, info = host_spread
-    assert info == {"host": 2, "host-half": 2, "host-resumed": 2, "placed": [2]}
-    one = train(apply_overrides(get_preset("classic-dqn"), [*HOST, "steps=400"]), tmp_path / "one", progress=False)
+    assert info == {"host": 2, "host-half": 2, "host-resumed": 2, "host-free": 1, "placed": [2]}
+    one = train(apply_overrides(get_preset("classic-dqn"), [*HOST, "steps=400", "devices=1"]), tmp_path / "one",
+                progress=False)
     assert one["devices"] == 1
     assert_same_to_rounding(rows(root / "host"), rows(tmp_path / "one"))
 
@@ -183,6 +194,25 @@ def test_a_two_device_host_checkpoint_resumes_on_one_device(host_spread, tmp_pat
     root, _ = host_spread
     half = tmp_path / "half"
     shutil.copytree(root / "host-half", half)
+    # It asked for 2 devices (the host trainer takes one CPU device unless asked); here it is told to take 1.
+    config = half / "config.yaml"
+    config.write_text(config.read_text().replace("devices: 2\n", "devices: 1\n"))
     raise_budget(half, 400)
     assert train(None, half, resume=True, progress=False)["devices"] == 1
     assert_same_to_rounding(rows(half), rows(root / "host-resumed"))
+
+
+@pytest.mark.parametrize(("env", "expected"), [({}, None), ({"JAX_NUM_CPU_DEVICES": "1"}, 1),
+                                               ({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, 3)])
+def test_the_cli_makes_one_cpu_device_per_core_unless_told(env, expected):
+    """`moescale` sets JAX's CPU device count to the cores it may use, so seeds spread over them; a count the user
+    set (JAX_NUM_CPU_DEVICES, XLA's host device count) is left as it is."""
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    code = ("from moescale.cli import one_device_per_core; one_device_per_core(); import jax; "
+            "print(jax.local_device_count())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**clean, **env})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) == (expected or len(os.sched_getaffinity(0)))

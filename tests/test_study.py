@@ -143,12 +143,12 @@ class TestHostEnvs:
                            "layers": [{"moe": "dense", "widths": [1, 2]}], "seeds": 2, "steps": 1000,
                            "set": {"iteration_steps": 1000}})
         timed = []
-        monkeypatch.setattr(autotune, "timing_program", lambda c, layout, updates, side_by_side:
-                            timed.append((c.env, layout, side_by_side)) or (lambda repeats: 0.01))
+        monkeypatch.setattr(autotune, "timing_program", lambda c, layout, updates, side_by_side, devices:
+                            timed.append((c.env, layout, side_by_side, devices)) or (lambda repeats: 0.01))
         rows = runner.plan(spec)
         timings = runner.estimate(spec, rows)
         assert [(t["groups"], t["cached"]) for t in timings] == [(3, False), (3, False)]
-        assert timed == [("Asterix-MinAtar", "unroll", False)] * 2  # one seed's loop x the seeds
+        assert timed == [("Asterix-MinAtar", "unroll", False, 1)] * 2  # one seed's loop x the seeds, one device
         assert all(r["estimate_s"] == 1000 // 4 * 0.01 for r in rows)
         assert "2 distinct shapes" in runner.format_estimate(rows, timings)
         # a second plan on this machine times nothing: every shape is in the cache

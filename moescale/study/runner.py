@@ -104,24 +104,28 @@ def estimate(spec: StudySpec, rows: list[dict[str, Any]], progress: bool = False
     """Fill each unfinished row's estimate_s: its update rounds (steps per seed / update_period) times one round
     of every seed's update, timed in a compiled loop on this machine (moescale.train.autotune.round_seconds)
     once per distinct update shape, seed count and seed layout, and cached per machine. The layout is the one
-    `seed_layout: auto` chose for that shape before (cached), else the untimed default (unroll on CPU, timed as
-    one seed's loop x the seeds, an upper bound that leaves out seeds running side by side). Acting,
+    `seed_layout: auto` chose for that shape before (cached; with its devices), else the untimed default (unroll on
+    CPU, timed as one seed's loop x the seeds on one device, an upper bound that leaves out seeds running side by
+    side). Acting,
     evaluation and compilation are left out (about 5-20 s per group): the update dominates on CPU; on a GPU
     acting and stepping cost more next to it, so there it is a rougher guide. Returns the distinct timings, one
     row each: shape (its first group), layout, seeds, round_seconds, groups, cached."""
     from moescale.train import autotune
 
     todo = [(g, r) for g, r in zip(spec.groups, rows, strict=True) if r["status"] != "done"]
-    timings: dict[tuple[str, int, str], dict[str, Any]] = {}
+    timings: dict[tuple[str, int, str, int], dict[str, Any]] = {}
+    requests = {}
     keys = []
     for group, _ in todo:
         config = group.config
-        layout = autotune.known_layout(config)
-        keys.append((autotune.shape_key(config), config.seeds, layout))
-        timing = timings.setdefault(keys[-1], {"shape": group.name, "layout": layout, "seeds": config.seeds,
-                                               "groups": 0, "config": config})
-        timing["groups"] += 1
-    found = autotune.timed_round_seconds([(t.pop("config"), t["layout"]) for t in timings.values()], progress)
+        layout, devices = autotune.known_layout(config)
+        keys.append((autotune.shape_key(config), config.seeds, layout, devices))
+        if keys[-1] not in timings:
+            requests[keys[-1]] = (config, layout, devices)
+            timings[keys[-1]] = {"shape": group.name, "layout": autotune.timing_name(layout, devices),
+                                 "seeds": config.seeds, "groups": 0}
+        timings[keys[-1]]["groups"] += 1
+    found = autotune.timed_round_seconds(list(requests.values()), progress)
     for timing, (seconds, cached) in zip(timings.values(), found, strict=True):
         timing["round_seconds"], timing["cached"] = seconds, cached
     for (group, row), key in zip(todo, keys, strict=True):

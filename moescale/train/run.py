@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -125,33 +126,43 @@ def train(config: TrainConfig | None, out: Path, resume: bool = False, force: bo
     if not resume:
         config = prepare_run_dir(config, out, resume, force)
     t_start = time.perf_counter()
-    layout, tuning = _seed_layout(config, out, resume, autotune, progress)
-    trainer = make_trainer(dataclasses.replace(config, seed_layout=layout), offline)
+    (layout, devices), tuning = _seed_layout(config, out, resume, autotune, progress)
+    trainer = make_trainer(dataclasses.replace(config, seed_layout=layout, devices=devices), offline)
     driver = CompiledDriver(trainer, out, record_dataset, resume, tuning)
     return drive(driver, out, resume, progress, t_start)
 
 
 def _seed_layout(config: TrainConfig, out: Path, resume: bool, autotune: bool,
-                 progress: bool) -> tuple[str, dict[str, Any] | None]:
-    """The run's seed layout and what it was chosen from (moescale.train.autotune.choose_layout), kept in
-    RUN_DIR/seed_layout.json: a resumed run reads it back, so it goes on in the layout it started with (the
-    layouts agree only to float rounding). A run from before the record existed resumes in the untimed default
-    its `auto` meant then."""
-    from moescale.train.autotune import CANDIDATES, choose_layout
+                 progress: bool) -> tuple[tuple[str, int], dict[str, Any] | None]:
+    """The run's seed layout and device count, and what they were chosen from (moescale.train.autotune.
+    choose_layout), kept in RUN_DIR/seed_layout.json: a resumed run reads them back, so it goes on as it started
+    (the layouts agree only to float rounding). A run from before the record existed resumes in the untimed
+    default its `auto` meant then; one whose record names no device count (from before devices were chosen)
+    resumes on the devices its config gives, and so does one that began on more devices than JAX sees now."""
+    from moescale.train.autotune import LAYOUTS, choose_layout, untimed
 
     record = out / "seed_layout.json"
     if resume and record.exists():
-        remedy = ('it records the seed layout the run began with: write {"seed_layout": "unroll", "tuning": null} '
-                  '(or "vmap") as its summary.json or metrics show, or start over with --force')
+        remedy = ('it records the seed layout the run began with: write {"seed_layout": "unroll", "devices": 1, '
+                  '"tuning": null} (or "vmap", and the device count) as its summary.json or metrics show, or start '
+                  'over with --force')
         kept = read_json(record, remedy)
-        if not isinstance(kept, dict) or kept.get("seed_layout") not in CANDIDATES or "tuning" not in kept:
-            found = kept.get("seed_layout") if isinstance(kept, dict) else kept
-            raise RunError(f"{record}: damaged (seed_layout {found!r}, not one of {', '.join(CANDIDATES)} with its "
-                           f"tuning); {remedy}")
-        return kept["seed_layout"], kept["tuning"]
-    layout, tuning = choose_layout(config, autotune and not resume, progress)
-    write_atomic(record, json.dumps({"seed_layout": layout, "tuning": tuning}, indent=2))
-    return layout, tuning
+        devices = kept.get("devices", untimed(config).devices) if isinstance(kept, dict) else None
+        if (not isinstance(kept, dict) or kept.get("seed_layout") not in LAYOUTS or "tuning" not in kept
+                or not isinstance(devices, int) or isinstance(devices, bool) or devices < 1):
+            found = {k: kept.get(k) for k in ("seed_layout", "devices")} if isinstance(kept, dict) else kept
+            raise RunError(f"{record}: damaged ({found!r}: not a seed layout of {', '.join(LAYOUTS)} on a positive "
+                           f"device count with its tuning); {remedy}")
+        if devices > jax.local_device_count():  # began where JAX saw more devices (the CLI's one per CPU core)
+            print(f"moescale: warning: {record}: the run began with its seeds on {devices} devices, JAX sees "
+                  f"{jax.local_device_count()}; it goes on with {untimed(config).devices} (unroll gives the same "
+                  "results on any count, vmap the same to float rounding)", file=sys.stderr)
+            devices = untimed(config).devices
+        return (kept["seed_layout"], devices), kept["tuning"]
+    chosen, tuning = choose_layout(config, autotune and not resume, progress)
+    write_atomic(record, json.dumps({"seed_layout": chosen.layout, "devices": chosen.devices, "tuning": tuning},
+                                    indent=2))
+    return (chosen.layout, chosen.devices), tuning
 
 
 class CompiledDriver:
