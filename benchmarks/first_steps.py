@@ -15,9 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
+from moescale.cli import one_device_per_core
 
-from moescale.presets import config_from_options
+one_device_per_core()  # JAX's CPU devices as `moescale train` makes them, before JAX starts
+
+import jax  # noqa: E402
+
+from moescale.presets import config_from_options  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from host_loop import HostLoop  # noqa: E402
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from moescale.train.run import train
 
     lines = ["| layer | host loop, first steps (before, after) | compiled, summary | vs host loop | seed layout "
-             "| compile s |", "|---|---|---|---|---|---|"]
+             "| devices | compile s |", "|---|---|---|---|---|---|---|"]
     for arch in archs:
         moe, experts = ARCHS[arch]
         config = config_from_options("minatar-dqn", "Breakout-MinAtar", moe, experts, args.seeds, args.steps)
@@ -60,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         host = (before + after) / 2
         rate = summary["agent_steps_per_second"]
         lines.append(f"| {arch} | {host:,.0f} ({before:,.0f}, {after:,.0f}) | {rate:,.0f} | {rate / host:.2f}x | "
-                     f"{summary['seed_layout']} | {summary['compile_seconds']:.1f} |")
+                     f"{summary['seed_layout']} | {summary['devices']} | {summary['compile_seconds']:.1f} |")
         print(lines[-1], flush=True)
     text = section_text(f"A run's first {args.steps:,} steps: the compiled trainer's summary vs a host loop "
                         "(minatar-dqn, Breakout-MinAtar)", "first_steps.py", argv,
-                        f"{args.seeds} seeds in one compiled run (seed_layout auto, timed on this machine) against "
+                        f"{args.seeds} seeds in one compiled run (seed_layout auto, timed on this machine, on the CPU "
+                        "devices `moescale train` makes) against "
                         "one host-loop seed over the same first steps; both exclude compilation.", "\n".join(lines))
     print(text)
     if args.write:

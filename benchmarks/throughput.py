@@ -139,7 +139,8 @@ def timed_rows(arch: str, runs: list[tuple[int, str, int, int]], convs: list[str
             timer = _timer(run, states, step, iteration_steps, seeds)
             name = f"auto: {trainer.layout.name}" if layout == "auto" else trainer.layout.name
             rows.append({"loop": f"compiled, {name}", "arch": arch, "seeds": seeds, "envs": envs,
-                         "devices": trainer.layout.devices, "conv": conv, "compile_s": compile_s, "time": timer, "rates": []})
+                         "devices": trainer.layout.devices, "conv": conv, "compile_s": compile_s, "time": timer,
+                         "rates": []})
     for _ in range(repeats):
         for row in rows:
             row["rates"].append(row["time"]())

@@ -293,13 +293,15 @@ class TrainConfig:
     # design). "unroll": one copy of the per-seed program per seed, each seed's iteration its own loop in its
     # own buffers, which on CPU keeps a seed's weights in cache and lets XLA run seeds side by side (for 8
     # dense minatar-dqn seeds on 2 cores, 1.6x the vmap throughput; BENCHMARKS.md); compile time grows with
-    # the seed count. "auto": the faster of the two, timed on the machine at hand (moescale.train.autotune,
-    # cached per machine, network and seed count); without timing (--no-autotune) unroll on CPU, vmap elsewhere.
+    # the seed count. "auto": the faster of the two, timed on the machine at hand with the devices (below)
+    # (moescale.train.autotune, cached per machine, network and seed count); without timing (--no-autotune)
+    # unroll on CPU, vmap elsewhere.
     seed_layout: str = "auto"
     # How many devices the seeds are spread over, each device running its share in the seed layout above (the
     # host trainer for Atari and gym: environments vmaps each device's share):
-    # None takes the most local devices that divide the seeds evenly (one device when JAX sees one; on CPU,
-    # the environment variable JAX_NUM_CPU_DEVICES=N makes N host devices).
+    # None takes the most local devices that divide the seeds evenly, or one when seed_layout "auto" times one
+    # device faster (by 10%); the host trainer takes one CPU device. On CPU the moescale command makes one JAX
+    # device per core unless the environment variable JAX_NUM_CPU_DEVICES=N (N host devices) is set.
     devices: int | None = None
     # Offline training: a dataset directory (moescale.data format, e.g. written by --record-dataset). When set,
     # no environment step is taken for training: every seed learns from the same fixed data, sampled uniformly,

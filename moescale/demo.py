@@ -17,11 +17,15 @@ import csv
 import sys
 from pathlib import Path
 
-import numpy as np
+from moescale.cli import one_device_per_core
 
-from moescale.analysis.diagnose import diagnose_config, diagnose_run, write_diagnosis
-from moescale.presets import apply_overrides, get_preset
-from moescale.train.run import train
+one_device_per_core()  # the 2 seeds on the CPU cores side by side, as `moescale train` runs them; before JAX starts
+
+import numpy as np  # noqa: E402
+
+from moescale.analysis.diagnose import diagnose_config, diagnose_run, write_diagnosis  # noqa: E402
+from moescale.presets import apply_overrides, get_preset  # noqa: E402
+from moescale.train.run import train  # noqa: E402
 
 SOFTMOE4 = ["network.moe=softmoe", "network.num_experts=4"]
 ARCHS = {"dense": ["network.moe=dense"], "softmoe-4": SOFTMOE4,
