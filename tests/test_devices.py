@@ -145,7 +145,7 @@ def test_a_two_device_checkpoint_resumes_on_one_device(spread, tmp_path, capsys)
     summary = train(None, half, resume=True, progress=False)
     assert summary["devices"] == 1
     assert (f"moescale: warning: {half / 'seed_layout.json'}: the run began with its seeds on 2 devices, JAX sees 1; "
-            "it goes on with 1 (unroll gives") in capsys.readouterr().err
+            "it goes on with 1 (its results agree") in capsys.readouterr().err
     assert rows(half) == rows(root / "unroll")
 
 

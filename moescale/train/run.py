@@ -155,8 +155,8 @@ def _seed_layout(config: TrainConfig, out: Path, resume: bool, autotune: bool,
                            f"device count with its tuning); {remedy}")
         if devices > jax.local_device_count():  # began where JAX saw more devices (the CLI's one per CPU core)
             print(f"moescale: warning: {record}: the run began with its seeds on {devices} devices, JAX sees "
-                  f"{jax.local_device_count()}; it goes on with {untimed(config).devices} (unroll gives the same "
-                  "results on any count, vmap the same to float rounding)", file=sys.stderr)
+                  f"{jax.local_device_count()}; it goes on with {untimed(config).devices} (its results agree with "
+                  "the other count's to float rounding)", file=sys.stderr)
             devices = untimed(config).devices
         return (kept["seed_layout"], devices), kept["tuning"]
     chosen, tuning = choose_layout(config, autotune and not resume, progress)
