@@ -147,7 +147,8 @@ def _seed_layout(config: TrainConfig, out: Path, resume: bool, autotune: bool,
                   '"tuning": null} (or "vmap", and the device count) as its summary.json or metrics show, or start '
                   'over with --force')
         kept = read_json(record, remedy)
-        devices = kept.get("devices", untimed(config).devices) if isinstance(kept, dict) else None
+        given = untimed(config).devices  # what the config gives on the devices JAX sees now
+        devices = kept.get("devices", given) if isinstance(kept, dict) else None
         if (not isinstance(kept, dict) or kept.get("seed_layout") not in LAYOUTS or "tuning" not in kept
                 or not isinstance(devices, int) or isinstance(devices, bool) or devices < 1):
             found = {k: kept.get(k) for k in ("seed_layout", "devices")} if isinstance(kept, dict) else kept
@@ -155,9 +156,9 @@ def _seed_layout(config: TrainConfig, out: Path, resume: bool, autotune: bool,
                            f"device count with its tuning); {remedy}")
         if devices > jax.local_device_count():  # began where JAX saw more devices (the CLI's one per CPU core)
             print(f"moescale: warning: {record}: the run began with its seeds on {devices} devices, JAX sees "
-                  f"{jax.local_device_count()}; it goes on with {untimed(config).devices} (its results agree with "
+                  f"{jax.local_device_count()}; it goes on with {given} (its results agree with "
                   "the other count's to float rounding)", file=sys.stderr)
-            devices = untimed(config).devices
+            devices = given
         return (kept["seed_layout"], devices), kept["tuning"]
     chosen, tuning = choose_layout(config, autotune and not resume, progress)
     write_atomic(record, json.dumps({"seed_layout": chosen.layout, "devices": chosen.devices, "tuning": tuning},
