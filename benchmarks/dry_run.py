@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--roots", default=".", help="comma list of moescale checkouts, run side by side")
     parser.add_argument("--turns", type=int, default=2, help="empty-cache dry runs per checkout, taking turns")
     parser.add_argument("--write", type=Path, default=None, help="markdown file whose section to update")
+    parser.add_argument("--section", default="dry_run", help="the section of --write to replace (default dry_run)")
     args = parser.parse_args(argv)
     roots = [Path(r).resolve() for r in args.roots.split(",") if r]
     if args.turns < 1 or not roots or not all((r / "moescale" / "cli.py").is_file() for r in roots):
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                         table(rows))
     print(text)
     if args.write:
-        write_section(args.write, text, "dry_run")
+        write_section(args.write, text, args.section)
     return 0
 
 

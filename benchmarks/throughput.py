@@ -17,6 +17,9 @@ and the host loop with each encoder convolution (network.conv: lax's convolution
 default the preset's) side by side, and compares each compiled run with the host loop of its convolution; their
 updates are timed in turns too. A run SEEDS:LAYOUT:ENVS:DEVICES spreads its seeds over DEVICES devices (config
 `devices`); on CPU, `--host-devices N` makes JAX see N host devices, and every row then runs in that process.
+`--one-core` (Linux) adds the host loop and one compiled seed timed with the whole process held to one core: the
+compiled runs put one seed's loop on each core, so the cores x that seed's rate bounds them, and the host loop's
+two rates say how much it gains from the cores it does not hold.
 
     python benchmarks/throughput.py --repeats 3 --write BENCHMARKS.md
 """
@@ -26,9 +29,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -116,12 +121,37 @@ def warmed_trainer(arch: str, seeds: int, layout: str, iteration_steps: int, tim
     return run, states, step, trainer, compile_s
 
 
+def pin_threads(cores: set[int]) -> None:
+    """Restrict every thread of this process (XLA's thread pools included) to `cores` (Linux)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except (ProcessLookupError, OSError):  # a thread that ended meanwhile
+            pass
+
+
+def on_one_core(time_one: Callable[[], float]) -> Callable[[], float]:
+    """time_one, run with the whole process on the first core it may use, and put back on all of them after."""
+    every = os.sched_getaffinity(0)
+
+    def pinned() -> float:
+        pin_threads({min(every)})
+        try:
+            return time_one()
+        finally:
+            pin_threads(every)
+
+    return pinned
+
+
 def timed_rows(arch: str, runs: list[tuple[int, str, int, int]], convs: list[str], iteration_steps: int,
-               repeats: int) -> list[dict]:
+               repeats: int, one_core: bool = False) -> list[dict]:
     """Median agent steps/s (all seeds) and compile time of the host loops and of every compiled configuration
     of one arch, one row per (run, convolution). All are warmed up first, then they take turns, one timed
     iteration of `iteration_steps` agent steps per seed each per round, so a slow spell of the machine hits
-    all alike."""
+    all alike. one_core adds, per convolution, the host loop and one compiled seed (`unroll`, one device) each
+    timed with the whole process held to one core: how much of the host loop's rate the second core gives, and
+    what one core does with one compiled seed (so the cores x that rate bound every compiled run's)."""
     rows = []
     # One reference per convolution: a compiled row is compared with the host loop of the same network (the
     # matmul form speeds up the host loop's one-observation forward passes too).
@@ -131,6 +161,16 @@ def timed_rows(arch: str, runs: list[tuple[int, str, int, int]], convs: list[str
         host.warm_up()
         rows.append({"loop": loop, "arch": arch, "seeds": 1, "envs": 1, "devices": 1, "conv": conv,
                      "compile_s": None, "time": functools.partial(host.sps, iteration_steps), "rates": []})
+        if one_core and sets == DECAYED:
+            rows.append({**rows[-1], "loop": "host loop, on one core", "time": on_one_core(rows[-1]["time"]),
+                         "rates": []})
+    if one_core:
+        for conv in convs:
+            run, states, step, trainer, compile_s = warmed_trainer(
+                arch, 1, "unroll", iteration_steps, repeats, (f"network.conv={conv}", "devices=1"))
+            rows.append({"loop": f"compiled, {trainer.layout.name}, on one core", "arch": arch, "seeds": 1,
+                         "envs": 1, "devices": 1, "conv": conv, "compile_s": compile_s,
+                         "time": on_one_core(_timer(run, states, step, iteration_steps, 1)), "rates": []})
     for seeds, layout, envs, devices in runs:
         for conv in convs:
             run, states, step, trainer, compile_s = warmed_trainer(
@@ -196,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-devices", type=int, default=None,
                         help="on CPU, make this many host devices (XLA's host device count) for runs that spread "
                              "their seeds over several (SEEDS:LAYOUT:ENVS:DEVICES)")
+    parser.add_argument("--one-core", action="store_true",
+                        help="also time the host loop and one compiled seed with the process held to one core "
+                             "(Linux): the cores x the latter bound what the compiled runs can reach")
     parser.add_argument("--archs", default=",".join(ARCHS), help=f"comma list of: {', '.join(ARCHS)}")
     parser.add_argument("--write", type=Path, default=None)
     parser.add_argument("--section", default=None,
@@ -203,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.host_devices is not None and args.host_devices < 1:
         parser.error("--host-devices must be >= 1")
+    if args.one_core and not hasattr(os, "sched_setaffinity"):
+        parser.error("--one-core needs a system that can hold a process to a core (Linux)")
     archs = args.archs.split(",")
     if not archs or any(a not in ARCHS for a in archs) or len(set(archs)) != len(archs):
         parser.error(f"--archs: {args.archs!r} must be a comma list of distinct names from {', '.join(ARCHS)}")
@@ -223,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     for arch in archs:
         update_rates = {conv: get_preset("minatar-dqn").agent.update_period / (ms / 1e3)
                         for conv, ms in update_ms(arch, convs).items()}
-        rows = timed_rows(arch, runs, convs, args.iteration_steps, args.repeats)
+        rows = timed_rows(arch, runs, convs, args.iteration_steps, args.repeats, args.one_core)
         host = {r["conv"]: r["sps"] for r in rows if r["loop"] == "host loop (reference)"}
         for r in rows:
             compile_s = "" if r["compile_s"] is None else f"{r['compile_s']:.1f}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -222,6 +224,42 @@ def test_throughput_runs_parse_and_reject():
             assert repr(bad.split(",")[0]) in str(err)
         else:
             raise AssertionError(f"{bad!r} accepted")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two cores this process may use")
+def test_throughput_one_core_holds_every_thread_then_gives_them_back():
+    throughput = _load("throughput")
+    every = os.sched_getaffinity(0)
+    started, stop, seen = threading.Event(), threading.Event(), {}
+
+    def worker():  # a thread that exists before the pinning, as XLA's pools do
+        started.set()
+        stop.wait()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    started.wait()
+
+    def time_one():
+        seen["main"] = os.sched_getaffinity(0)
+        seen["worker"] = os.sched_getaffinity(thread.native_id)
+        return 1.5
+
+    try:
+        assert throughput.on_one_core(time_one)() == 1.5
+        assert seen == {"main": {min(every)}, "worker": {min(every)}}
+        assert os.sched_getaffinity(0) == every and os.sched_getaffinity(thread.native_id) == every
+
+        def fails():
+            raise RuntimeError("timing failed")
+
+        with pytest.raises(RuntimeError):
+            throughput.on_one_core(fails)()
+        assert os.sched_getaffinity(thread.native_id) == every  # given back on failure too
+    finally:
+        stop.set()
+        thread.join()
 
 
 class TestKernelProfile:
