@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="local: one run group after another in this process; ray: run groups as Ray tasks")
     study.add_argument("--address", default=None,
                        help="Ray cluster address (e.g. auto or ray://host:10001); default: a local instance")
-    study.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs each Ray task asks for")
+    study.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs each Ray task asks for; on CPU its "
+                       "runs spread their seeds over as many JAX devices (whole CPUs, at least one)")
     study.add_argument("--gpus-per-run", type=float, default=0.0, help="GPUs each Ray task asks for (0.25 shares)")
     results = sub.add_parser("results", help="print a study's results and rebuild results.parquet")
     results.add_argument("study", type=Path, help="study directory")

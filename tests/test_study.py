@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -12,7 +13,7 @@ import yaml
 
 from moescale.cli import main
 from moescale.study.results import collect, format_results
-from moescale.study.runner import group_status, run_study
+from moescale.study.runner import group_status, ray_task_options, run_study
 from moescale.study.spec import load_spec, parse_spec
 
 BASE = {"preset": "minatar-dqn", "envs": ["Breakout-MinAtar"], "layers": [{"moe": "softmoe", "experts": [2]}]}
@@ -335,9 +336,14 @@ class TestRayExecutor:
         ray = pytest.importorskip("ray")
         _, _, local_out, _ = finished
         s, _ = tiny_spec(tmp_path, layers=[{"moe": "dense", "widths": [1]}])  # one group keeps the test short
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             statuses = run_study(s, tmp_path / "ray", progress=False, executor="ray", cpus_per_run=1)
+            # A task's JAX CPU devices follow the CPUs it holds, not the process that started Ray (one here).
+            probe = ray.remote(**ray_task_options(2, 0))(lambda: os.environ.get("JAX_NUM_CPU_DEVICES"))
+            assert ray.get(probe.remote()) == "2"
+            assert ray_task_options(1.5, 0.25)["runtime_env"]["env_vars"] == {"JAX_NUM_CPU_DEVICES": "1"}
+            assert ray_task_options(0.5, 0)["runtime_env"]["env_vars"] == {"JAX_NUM_CPU_DEVICES": "1"}
         finally:
             ray.shutdown()
         assert statuses == {"classic-dqn__CartPole-v1__dense-1": "done"}

@@ -193,6 +193,15 @@ def _remote_group(config: dict[str, Any], name: str, run_dir: str) -> str:
     return run_group(RunGroup(name, {}, TrainConfig.from_dict(config)), Path(run_dir), progress=False)
 
 
+def ray_task_options(cpus: float, gpus: float) -> dict[str, Any]:
+    """Ray options of one run group's task: its resources, no retry, and as many JAX CPU devices as whole CPUs it
+    holds (at least one). Without the last, every task would take the device count of the process that started Ray
+    (the `moescale` command makes one per core of the machine), and tasks running side by side would each spread
+    their seeds over all the cores."""
+    return {"num_cpus": cpus, "num_gpus": gpus, "max_retries": 0,
+            "runtime_env": {"env_vars": {"JAX_NUM_CPU_DEVICES": str(max(1, int(cpus)))}}}
+
+
 def _run_with_ray(todo: list[RunGroup], out: Path, address: str | None, cpus: float, gpus: float,
                   bar: tqdm) -> dict[str, str]:
     """Submit every group as a Ray task with its resource needs; rebuild the results as each one finishes.
@@ -209,7 +218,7 @@ def _run_with_ray(todo: list[RunGroup], out: Path, address: str | None, cpus: fl
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
-        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_remote_group)
+        task = ray.remote(**ray_task_options(cpus, gpus))(_remote_group)
         pending = {task.remote(g.config.to_dict(), g.name, str(out / "runs" / g.name)): g for g in todo}
         statuses = {}
         while pending:
