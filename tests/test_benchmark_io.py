@@ -356,3 +356,24 @@ def test_dry_run_table_and_arguments(capsys):
             bench.main(argv)
         assert exit_.value.code == 2
     assert "--roots" in capsys.readouterr().err
+
+
+def test_softmoe_parts_are_the_layers_own_pieces():
+    import numpy as np
+
+    softmoe_parts = _load("softmoe_parts")
+    pieces = softmoe_parts.parts(batch=2)
+    apply, params, x = pieces["whole layer"]
+    route, phi, _ = pieces["routing (experts left out)"]
+    experts, expert_params, slots = pieces["experts"]
+    assert x.shape == (2, 100, 16) and slots.shape == (2, 4, 25, 16)
+    combine = softmoe_parts.routing(phi, x)[1]
+    # the layer is the routing's combine over the experts' outputs on the routing's slots
+    np.testing.assert_allclose(np.einsum("btes,besd->btd", combine, experts(expert_params, slots)),
+                               apply(params, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(route(phi, x), np.einsum("btes,besd->btd", combine, slots), rtol=1e-5, atol=1e-6)
+    calls = softmoe_parts.timed_calls(route, phi, x)
+    grads = calls["gradient"][0](phi, x)
+    assert grads[0].shape == phi.shape and grads[1].shape == x.shape
+    with pytest.raises(SystemExit):
+        softmoe_parts.main(["--rounds", "0"])
