@@ -17,9 +17,10 @@ and the host loop with each encoder convolution (network.conv: lax's convolution
 default the preset's) side by side, and compares each compiled run with the host loop of its convolution; their
 updates are timed in turns too. A run SEEDS:LAYOUT:ENVS:DEVICES spreads its seeds over DEVICES devices (config
 `devices`); on CPU, `--host-devices N` makes JAX see N host devices, and every row then runs in that process.
-`--one-core` (Linux) adds the host loop and one compiled seed timed with the whole process held to one core: the
-compiled runs put one seed's loop on each core, so the cores x that seed's rate bounds them, and the host loop's
-two rates say how much it gains from the cores it does not hold.
+`--one-core` (Linux) adds the host loop and one compiled seed timed with the whole process held to one core: a
+compiled run spread over one device per core runs a seed's loop on each core, so the cores x that seed's rate is
+what it gets unless seeds side by side on a core run faster than one alone, and the host loop's two rates say how
+much it gains from the cores it does not hold.
 
     python benchmarks/throughput.py --repeats 3 --write BENCHMARKS.md
 """
@@ -151,7 +152,8 @@ def timed_rows(arch: str, runs: list[tuple[int, str, int, int]], convs: list[str
     iteration of `iteration_steps` agent steps per seed each per round, so a slow spell of the machine hits
     all alike. one_core adds, per convolution, the host loop and one compiled seed (`unroll`, one device) each
     timed with the whole process held to one core: how much of the host loop's rate the second core gives, and
-    what one core does with one compiled seed (so the cores x that rate bound every compiled run's)."""
+    what one core does with one compiled seed (the cores x that rate: what a run spread over the cores gets unless its
+    seeds side by side on a core run faster than one alone)."""
     rows = []
     # One reference per convolution: a compiled row is compared with the host loop of the same network (the
     # matmul form speeds up the host loop's one-observation forward passes too).
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                              "their seeds over several (SEEDS:LAYOUT:ENVS:DEVICES)")
     parser.add_argument("--one-core", action="store_true",
                         help="also time the host loop and one compiled seed with the process held to one core "
-                             "(Linux): the cores x the latter bound what the compiled runs can reach")
+                             "(Linux): the cores x the latter is what one seed per core gives")
     parser.add_argument("--archs", default=",".join(ARCHS), help=f"comma list of: {', '.join(ARCHS)}")
     parser.add_argument("--write", type=Path, default=None)
     parser.add_argument("--section", default=None,
