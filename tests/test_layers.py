@@ -335,6 +335,70 @@ class TestSoftMoeWeights:
         np.testing.assert_allclose(combine, want, atol=1e-6)
 
 
+def softmax_jacobian_vjp(x: np.ndarray, g: np.ndarray, axis: int) -> np.ndarray:
+    """Brute force, float64: each slice's full Jacobian diag(y) - y y^T (symmetric) applied to g's slice."""
+    x, g = np.moveaxis(x.astype(np.float64), axis, -1), np.moveaxis(g.astype(np.float64), axis, -1)
+    out = np.empty_like(x)
+    for idx in np.ndindex(x.shape[:-1]):
+        y = np.exp(x[idx] - x[idx].max())
+        y /= y.sum()
+        out[idx] = (np.diag(y) - np.outer(y, y)) @ g[idx]
+    return np.moveaxis(out, -1, axis)
+
+
+class TestRoutingSoftmax:
+    """moescale.layers.routing.softmax: jax.nn.softmax's output with a hand-written tangent rule."""
+
+    def test_hand_case(self):
+        # x = log([1, 2, 3]) -> y = [1, 2, 3] / 6. With g = [1, 0, 0], the gradient of <y, g> is
+        # y * (g - <y, g>) = y * (g - 1/6) = [1/6 * 5/6, 2/6 * -1/6, 3/6 * -1/6] = [5, -2, -3] / 36.
+        from moescale.layers.routing import softmax
+
+        x, g = jnp.log(jnp.array([1.0, 2.0, 3.0])), jnp.array([1.0, 0.0, 0.0])
+        np.testing.assert_allclose(softmax(x, -1), [1 / 6, 2 / 6, 3 / 6], rtol=1e-6)
+        grad = jax.grad(lambda v: jnp.vdot(softmax(v, -1), g))(x)
+        np.testing.assert_allclose(grad, np.array([5.0, -2.0, -3.0]) / 36, rtol=1e-6, atol=1e-7)
+
+    @pytest.mark.parametrize("axis", [-1, -2, 0])
+    def test_output_is_jax_nn_softmax_and_both_modes_match_the_jacobian(self, axis):
+        from moescale.layers.routing import softmax
+
+        x, g, t = (3 * normal((3, 5, 4), seed=s) for s in (7, 8, 9))
+        y = jax.jit(lambda v: softmax(v, axis))(x)
+        assert np.array_equal(y, jax.jit(lambda v: jax.nn.softmax(v, axis))(x))  # bit for bit
+        grad = jax.jit(jax.grad(lambda v: jnp.vdot(softmax(v, axis), g)))(x)
+        assert rel_err(grad, softmax_jacobian_vjp(x, g, axis)) < REL_TOL
+        # Forward mode (the NTK metric's jvp) goes through the same rule; the Jacobian is symmetric.
+        tangent = jax.jvp(lambda v: softmax(v, axis), (x,), (t,))[1]
+        assert rel_err(tangent, softmax_jacobian_vjp(x, t, axis)) < REL_TOL
+        # ... and agrees with jax.nn.softmax's own gradient to float rounding.
+        want = jax.grad(lambda v: jnp.vdot(jax.nn.softmax(v, axis), g))(x)
+        np.testing.assert_allclose(grad, want, rtol=0, atol=1e-6)
+
+    def test_routing_gradient_agrees_with_jax_nn_softmax(self):
+        # Soft MoE's flat routing against the same weights written with (E, S) apart and jax.nn.softmax: equal
+        # weights and gradients to float rounding, slot e*S + s being slot s of expert e.
+        from moescale.layers.soft_moe import flat_soft_moe_weights
+
+        x, phi = jnp.asarray(normal((2, 6, 8), seed=4)), jnp.asarray(normal((8, 3, 2), seed=5))
+        cot = jnp.asarray(normal((2, 2, 6, 3, 2), seed=6))
+
+        def plain(p, v):
+            logits = jnp.einsum("btd,des->btes", v, p)
+            combine = jax.nn.softmax(logits.reshape(2, 6, 6), axis=-1).reshape(logits.shape)
+            return jnp.stack([jax.nn.softmax(logits, axis=-3), combine])
+
+        def flat(p, v):
+            return jnp.stack(flat_soft_moe_weights(v, p)).reshape(cot.shape)
+
+        assert rel_err(flat(phi, x), plain(phi, x)) < REL_TOL
+        def grads(f):
+            return jax.grad(lambda p, v: jnp.vdot(f(p, v), cot), argnums=(0, 1))(phi, x)
+
+        for fast, want in zip(grads(flat), grads(plain), strict=True):
+            assert rel_err(fast, want) < REL_TOL
+
+
 class TestSoftMoE:
     # S = ceil(6 / 3) = 2; explicit S = 3; one expert, one slot per token; D = 12, S = ceil(9 / 4) = 3
     @pytest.mark.parametrize("t, d, e, s", [(6, 8, 3, None), (6, 8, 4, 3), (4, 8, 1, 4), (9, 12, 4, None)])

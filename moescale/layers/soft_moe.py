@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from moescale import checks
 from moescale.layers.experts import Experts
-from moescale.layers.routing import entropy, soft_moe_slots, sow_aux_loss, sow_routing, wants_routing
+from moescale.layers.routing import entropy, soft_moe_slots, softmax, sow_aux_loss, sow_routing, wants_routing
 
 
 def _l2_normalize(x: jax.Array, axis: int, eps: float = 1e-6) -> jax.Array:
@@ -52,13 +52,22 @@ def phi_initializer(kind: str = "lecun_ed", scale: float = 1.0) -> Callable:
     return init
 
 
+def flat_soft_moe_weights(tokens: jax.Array, phi: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Dispatch and combine weights, each (..., T, E*S) with slot e*S + s, from tokens (..., T, D) and Phi (D, E, S).
+
+    SoftMoE routes in this layout, through moescale.layers.routing.softmax: with the slots on one axis, and that
+    softmax's tangent rule, XLA:CPU runs the routing's gradient faster than with E and S apart and jax.nn.softmax
+    (benchmarks/softmoe_parts.py times both side by side); the weights are the same to float rounding.
+    """
+    logits = jnp.einsum("...td,dn->...tn", tokens, phi.reshape(phi.shape[0], -1))  # (..., T, E*S)
+    return softmax(logits, -2), softmax(logits, -1)  # over T, over all slots
+
+
 def soft_moe_weights(tokens: jax.Array, phi: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Dispatch and combine weights, each (..., T, E, S), from tokens (..., T, D) and Phi (D, E, S)."""
-    logits = jnp.einsum("...td,des->...tes", tokens, phi)  # (..., T, E, S)
-    dispatch = jax.nn.softmax(logits, axis=-3)  # over T
-    flat = logits.reshape(*logits.shape[:-2], -1)  # (..., T, E*S)
-    combine = jax.nn.softmax(flat, axis=-1).reshape(logits.shape)  # over all slots
-    return dispatch, combine
+    dispatch, combine = flat_soft_moe_weights(tokens, phi)
+    shape = (*dispatch.shape[:-1], *phi.shape[1:])
+    return dispatch.reshape(shape), combine.reshape(shape)
 
 
 class SoftMoE(nn.Module):
@@ -129,23 +138,23 @@ class SoftMoE(nn.Module):
         if self.normalize:
             scale = self.param("scale", nn.initializers.ones, (), self.param_dtype)
             xr, phir = _l2_normalize(xr, -1), scale * _l2_normalize(phir, 0)
-        dispatch, combine = soft_moe_weights(xr, phir)  # (..., T, E, S) each
+        dispatch, combine = flat_soft_moe_weights(xr, phir)  # (..., T, E*S) each, slot e*S + s
         xc = x.astype(self.dtype)
-        slots = jnp.einsum("...tes,...td->...esd", dispatch.astype(self.dtype), xc)  # (..., E, S, D)
+        slots = jnp.einsum("...tn,...td->...nd", dispatch.astype(self.dtype), xc)  # (..., E*S, D)
         outs = Experts(e, self.expert_hidden, self.dtype, self.param_dtype, self.expert_bias,
-                       name="experts")(slots)
-        y = jnp.einsum("...tes,...esd->...td", combine.astype(self.dtype), outs)  # (..., T, D)
+                       name="experts")(slots.reshape(*slots.shape[:-2], e, s, d))  # (..., E, S, D)
+        y = jnp.einsum("...tn,...nd->...td", combine.astype(self.dtype), outs.reshape(slots.shape))  # (..., T, D)
 
         sow_aux_loss(self, 0.0)
         if wants_routing(self):
-            lead = tuple(range(combine.ndim - 3))
+            lead = tuple(range(combine.ndim - 2))
             # Chung et al. 2025 score an expert by its total combine weight over tokens and slots.
-            importance = jnp.mean(jnp.sum(combine, axis=(-3, -1)), axis=lead) / t  # (E,)
+            per_expert = jnp.sum(combine.reshape(*combine.shape[:-1], e, s), axis=(-3, -1))  # (..., E)
             sow_routing(self, {
                 "load": jnp.full((e,), 1.0 / e),  # every expert processes S slots
-                "importance": importance,
-                "dispatch_entropy": jnp.mean(entropy(dispatch, axis=-3)),  # per slot, over T
-                "combine_entropy": jnp.mean(entropy(combine, axis=(-2, -1))),  # per token, over E*S
+                "importance": jnp.mean(per_expert, axis=lead) / t,  # (E,)
+                "dispatch_entropy": jnp.mean(entropy(dispatch, axis=-2)),  # per slot, over T
+                "combine_entropy": jnp.mean(entropy(combine, axis=-1)),  # per token, over E*S
                 "dropped_fraction": jnp.zeros(()),
             })
         return y
