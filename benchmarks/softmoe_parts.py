@@ -1,6 +1,8 @@
 """Where a Soft MoE layer's time goes: the forward pass and the gradient of the whole layer, of its routing alone
 (the logits, the two softmaxes, the slots and the combine, with the experts left out) and of its experts alone, at
 the shapes of minatar-dqn's Soft MoE-4 (batch 32, 100 tokens of 16 channels, 4 experts of 25 slots, hidden 512).
+Beside them, the routing as the layer computed it until 2026-12-04 (jax.nn.softmax, E and S apart in the einsums),
+so the gain of the layer's own routing is measured side by side.
 
 Every part is compiled first; then they take turns for --rounds rounds of --repeats calls each, so a slow spell of
 the machine hits all alike, and the table gives the median call. A gradient is that of <output, a fixed random
@@ -33,7 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from moescale.layers.experts import Experts  # noqa: E402
-from moescale.layers.soft_moe import SoftMoE, soft_moe_weights  # noqa: E402
+from moescale.layers.soft_moe import SoftMoE, flat_soft_moe_weights  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_step import section_text, write_section  # noqa: E402
@@ -42,15 +44,25 @@ BATCH, TOKENS, DIM, EXPERTS, SLOTS, HIDDEN = 32, 100, 16, 4, 25, 512  # minatar-
 
 
 def routing(phi: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The layer's routing from tokens x (B, T, D) and Phi (D, E, S): its slots (B, E, S, D) and combine weights
-    (B, T, E, S), as SoftMoE computes them."""
-    dispatch, combine = soft_moe_weights(x, phi)
-    return jnp.einsum("...tes,...td->...esd", dispatch, x), combine
+    """The layer's routing from tokens x (B, T, D) and Phi (D, E, S): its slots (B, E*S, D) and combine weights
+    (B, T, E*S), as SoftMoE computes them."""
+    dispatch, combine = flat_soft_moe_weights(x, phi)
+    return jnp.einsum("...tn,...td->...nd", dispatch, x), combine
 
 
 def routing_only(phi: jax.Array, x: jax.Array) -> jax.Array:
     """The routing with the experts left out (each expert the identity): (B, T, D)."""
     slots, combine = routing(phi, x)
+    return jnp.einsum("...tn,...nd->...td", combine, slots)
+
+
+def former_routing_only(phi: jax.Array, x: jax.Array) -> jax.Array:
+    """routing_only as the layer computed it until 2026-12-04: logits (B, T, E, S), jax.nn.softmax over T and over
+    the E*S slots, and einsums that keep E and S apart. The same numbers to float rounding."""
+    logits = jnp.einsum("...td,des->...tes", x, phi)
+    dispatch = jax.nn.softmax(logits, axis=-3)
+    combine = jax.nn.softmax(logits.reshape(*logits.shape[:-2], -1), axis=-1).reshape(logits.shape)
+    slots = jnp.einsum("...tes,...td->...esd", dispatch, x)
     return jnp.einsum("...tes,...esd->...td", combine, slots)
 
 
@@ -61,10 +73,11 @@ def parts(batch: int = BATCH) -> dict[str, tuple]:
     x = jax.random.normal(jax.random.key(0), (batch, TOKENS, DIM))
     params = layer.init(jax.random.key(1), x)
     phi, expert_params = params["params"]["phi"], {"params": params["params"]["experts"]}
-    slots = routing(phi, x)[0]
+    slots = routing(phi, x)[0].reshape(batch, EXPERTS, SLOTS, DIM)
     experts = Experts(EXPERTS, HIDDEN)
     return {"whole layer": (layer.apply, params, x), "routing (experts left out)": (routing_only, phi, x),
-            "experts": (experts.apply, expert_params, slots)}
+            "experts": (experts.apply, expert_params, slots),
+            "routing as until 2026-12-04": (former_routing_only, phi, x)}
 
 
 def timed_calls(fn, params, x) -> dict[str, tuple]:

@@ -367,11 +367,14 @@ def test_softmoe_parts_are_the_layers_own_pieces():
     route, phi, _ = pieces["routing (experts left out)"]
     experts, expert_params, slots = pieces["experts"]
     assert x.shape == (2, 100, 16) and slots.shape == (2, 4, 25, 16)
-    combine = softmoe_parts.routing(phi, x)[1]
+    combine, flat_slots = softmoe_parts.routing(phi, x)[1], slots.reshape(2, 100, 16)  # slot e*S + s
     # the layer is the routing's combine over the experts' outputs on the routing's slots
-    np.testing.assert_allclose(np.einsum("btes,besd->btd", combine, experts(expert_params, slots)),
-                               apply(params, x), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(route(phi, x), np.einsum("btes,besd->btd", combine, slots), rtol=1e-5, atol=1e-6)
+    outs = experts(expert_params, slots).reshape(2, 100, 16)
+    np.testing.assert_allclose(np.einsum("btn,bnd->btd", combine, outs), apply(params, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(route(phi, x), np.einsum("btn,bnd->btd", combine, flat_slots), rtol=1e-5, atol=1e-6)
+    # the former routing, timed beside it, computes the same
+    former = pieces["routing as until 2026-12-04"][0]
+    np.testing.assert_allclose(former(phi, x), route(phi, x), rtol=1e-5, atol=1e-6)
     calls = softmoe_parts.timed_calls(route, phi, x)
     grads = calls["gradient"][0](phi, x)
     assert grads[0].shape == phi.shape and grads[1].shape == x.shape
