@@ -3,10 +3,10 @@ networks by Obando-Ceron et al. (ICML 2024).
 
 Axes: T tokens, D token dim, E experts, S slots per expert. Leading batch axes are written `...`.
 
-    logits   = X Phi                          (..., T, E, S)
+    logits   = X Phi                          (..., T, E*S), slot e*S + s (E and S on one axis: faster on CPU)
     dispatch = softmax over T                  each slot is a convex mix of tokens
     combine  = softmax over all E*S slots      each token is a convex mix of slot outputs
-    slots    = dispatch^T X                    (..., E, S, D), built from the raw tokens
+    slots    = dispatch^T X                    (..., E*S, D), built from the raw tokens; (..., E, S, D) to the experts
     Y        = combine . experts(slots)        (..., T, D)
 """
 
