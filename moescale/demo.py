@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         # autotune=False: the layouts round differently, and the main job's returns are quoted (BENCHMARKS.md),
         # so it takes the untimed default (unroll on CPU) rather than whichever layout times faster that day. For
         # the same reason it runs on the one CPU device JAX makes unless told (not the CLI's one per core): spread
-        # over two devices the Soft MoE seeds' returns moved to float rounding (0.62, 0.62 -> 0.88, 0.62).
+        # over two devices the Soft MoE seeds' returns moved by float rounding (BENCHMARKS.md, 2026-12-03).
         summaries[name] = train(config, args.out / name, force=True, autotune=False)
         diagnosed[name].append(diagnose_run(args.out / name))
         write_diagnosis(diagnosed[name][-1], args.out / name)

@@ -392,6 +392,7 @@ class TestRoutingSoftmax:
             return jnp.stack(flat_soft_moe_weights(v, p)).reshape(cot.shape)
 
         assert rel_err(flat(phi, x), plain(phi, x)) < REL_TOL
+
         def grads(f):
             return jax.grad(lambda p, v: jnp.vdot(f(p, v), cot), argnums=(0, 1))(phi, x)
 
